@@ -1,0 +1,159 @@
+"""Building models from the registry: random or pretrained, with a head sized to the task."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from zoo.errors import IncompatibleError, ZooError
+from zoo.registry import get_backbone
+from zoo.spec import Backbone, LayerGroup, Weights
+
+if TYPE_CHECKING:
+    from zoo.data import BatchTransform
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    """The module at dotted ``path`` inside ``model``."""
+    return model.get_submodule(path)
+
+
+def replace_head(model: nn.Module, head: str, num_classes: int) -> nn.Module:
+    """Swap the ``nn.Linear`` at ``head`` for a freshly initialised one with ``num_classes``."""
+    old = model.get_submodule(head)
+    if not isinstance(old, nn.Linear):
+        raise ZooError(f"head {head!r} is a {type(old).__name__}, expected nn.Linear")
+    if old.out_features == num_classes:
+        return model
+    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None,
+                    device=old.weight.device, dtype=old.weight.dtype)
+    parent_path, _, attr = head.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, new)
+    return model
+
+
+def num_outputs(model: nn.Module, backbone: Backbone) -> int:
+    """The number of classes the model's head predicts."""
+    return int(model.get_submodule(backbone.head).out_features)
+
+
+def create_model(
+    name: str | Backbone,
+    *,
+    num_classes: int | None = None,
+    weights: str | os.PathLike[str] | Weights | None = None,
+    **builder_kwargs: Any,
+) -> nn.Module:
+    """Build backbone ``name``: random (``weights=None``) or pretrained, head sized to the task.
+
+    ``weights`` is a tag of the backbone, ``"default"``, a ``Weights`` spec, or a path to a
+    local weights file. A ``num_classes`` that differs from the weights' classes replaces
+    only the head; every other tensor keeps its pretrained value.
+    """
+    backbone = get_backbone(name) if isinstance(name, str) else name
+    if weights is None:
+        model = _build(backbone, num_classes, builder_kwargs)
+        model.zoo_weights = None  # type: ignore[assignment]
+        return model
+    from zoo.weights import load_state_dict, weights_spec
+
+    spec = weights_spec(backbone, weights)
+    model = _build(backbone, spec.num_classes, builder_kwargs)
+    state, sha256 = load_state_dict(backbone, spec)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ZooError(
+            f"weights {spec.tag!r} do not fit backbone {backbone.name!r}: "
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); "
+            "check the weights' key conversion"
+        )
+    if num_classes is not None:
+        replace_head(model, backbone.head, num_classes)
+    model.zoo_weights = {"tag": spec.tag, "sha256": sha256}  # type: ignore[assignment]
+    return model
+
+
+def _build(backbone: Backbone, num_classes: int | None, kwargs: dict[str, Any]) -> nn.Module:
+    if kwargs:
+        from dataclasses import replace
+
+        backbone = replace(backbone, builder_kwargs={**backbone.builder_kwargs, **kwargs})
+    model = backbone.build(num_classes)
+    model.zoo_backbone = backbone.name  # type: ignore[assignment]
+    return model
+
+
+def layer_groups(name: str | Backbone) -> list[str]:
+    """The backbone's layer-group names in order, input to output, ``head`` last."""
+    backbone = get_backbone(name) if isinstance(name, str) else name
+    return [g.name for g in backbone.layer_groups()]
+
+
+def assign_groups(model: nn.Module, groups: Sequence[LayerGroup],
+                  backbone_name: str = "model") -> dict[str, str]:
+    """Map every parameter name to its group's name; each must belong to exactly one group."""
+    owner: dict[str, str] = {}
+    problems: list[str] = []
+    for pname, _ in model.named_parameters():
+        found = [g.name for g in groups if g.owns(pname)]
+        if len(found) != 1:
+            problems.append(f"{pname} in {found or 'no group'}")
+        else:
+            owner[pname] = found[0]
+    if problems:
+        raise IncompatibleError(
+            f"layer groups of {backbone_name!r} must cover every parameter exactly once: "
+            + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else "")
+        )
+    return owner
+
+
+def group_modules(model: nn.Module, groups: Sequence[LayerGroup]) -> dict[str, list[nn.Module]]:
+    """The modules of each group (a module belongs to the group owning its path)."""
+    result: dict[str, list[nn.Module]] = {g.name: [] for g in groups}
+    for path, module in model.named_modules():
+        for g in groups:
+            if path and g.owns(path):
+                result[g.name].append(module)
+                break
+    return result
+
+
+def transforms_for(name: str | Backbone, weights: str | Weights | None = "default", *,
+                   augment: bool = False) -> BatchTransform:
+    """The eval (or augmented train) transform matching the backbone's weights' preprocessing."""
+    from zoo.data import BatchTransform
+
+    backbone = get_backbone(name) if isinstance(name, str) else name
+    if weights is None or (weights == "default" and backbone.default_weights is None):
+        return BatchTransform(backbone.input_size, backbone.mean, backbone.std, augment=augment)
+    if isinstance(weights, str | os.PathLike) and Path(weights).suffix:
+        return BatchTransform(backbone.input_size, backbone.mean, backbone.std, augment=augment)
+    from zoo.weights import weights_spec
+
+    spec = weights_spec(backbone, weights)
+    return BatchTransform(spec.input_size, spec.mean, spec.std, augment=augment)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (only those with ``requires_grad`` if asked)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A sha256 over a state dict's names, dtypes, shapes and bytes (order-independent)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()

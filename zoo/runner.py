@@ -1,0 +1,721 @@
+"""The runner: fine-tune any backbone with any strategy, evaluate, checkpoint, resume.
+
+What it guarantees, for every backbone and strategy:
+- each layer group is one optimizer param group with its own learning rate, registered
+  from the start (groups that unfreeze later included), so any torch scheduler works;
+- frozen groups get no gradients and run without autograd; their BatchNorm layers stay in
+  eval mode (running statistics never move), however often ``.train()`` is called;
+- when a prefix of groups is frozen for a whole phase and inputs are deterministic, its
+  output is computed once and reused (``zoo.features``);
+- a resumable state is written after every epoch, and a resumed run ends with the same
+  weights as an uninterrupted one (same seed, CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from zoo.data import BatchTransform, ImageData, load_data
+from zoo.errors import IncompatibleError, ZooError
+from zoo.features import CacheKey, FeatureStore, shared_store
+from zoo.models import assign_groups, count_parameters, create_model, transforms_for
+from zoo.registry import get_backbone
+from zoo.spec import Backbone, LayerGroup, Stage, resolve_callable
+from zoo.strategies import FreezeStrategy, Plan, make_strategy, selects
+
+RESUME_FILE = "resume.pt"
+
+
+class Callback:
+    """Hooks into a run; override what you need. ``run`` is the live ``Run``."""
+
+    def on_train_start(self, run: Run) -> None:
+        """Called once, after set-up and before the first epoch."""
+
+    def on_epoch_start(self, run: Run, epoch: int) -> None:
+        """Called before each epoch (after its freeze plan is applied)."""
+
+    def on_epoch_end(self, run: Run, epoch: int, record: dict[str, Any]) -> None:
+        """Called after each epoch with its history record."""
+
+    def on_train_end(self, run: Run, result: FinetuneResult) -> None:
+        """Called once the run finished and its checkpoint is written."""
+
+
+@dataclass
+class FinetuneResult:
+    """What ``finetune`` returns: the trained model, its history and metrics, its checkpoint."""
+
+    model: nn.Module
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    checkpoint: Path | None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """The live state of a run, shared with callbacks."""
+
+    backbone: Backbone
+    strategy: FreezeStrategy
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    group_names: list[str]
+    epochs: int
+    device: torch.device
+    history: list[dict[str, Any]] = field(default_factory=list)
+    plan: Plan | None = None
+    stop: bool = False
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def module_groups(model: nn.Module, groups: Sequence[LayerGroup]) -> dict[str, str]:
+    """Map module paths to the group that owns them (by path, or by their own tensors)."""
+    result: dict[str, str] = {}
+    for path, module in model.named_modules():
+        if not path:
+            continue
+        owner = next((g.name for g in groups if g.owns(path)), None)
+        if owner is None:
+            own = [f"{path}.{n}" for n, _ in module.named_parameters(recurse=False)]
+            own += [f"{path}.{n}" for n, _ in module.named_buffers(recurse=False)]
+            owner = next((g.name for g in groups for t in own if g.owns(t)), None)
+        if owner is not None:
+            result[path] = owner
+    return result
+
+
+def _force_eval(module: nn.Module, _args: Any) -> None:
+    module.training = False
+
+
+class FreezeState:
+    """Applies a plan to a model: requires_grad flags and eval-mode pins on frozen layers.
+
+    Pinned modules get a forward pre-hook that puts them back in eval mode, so a frozen
+    group's BatchNorm statistics cannot move even if someone calls ``model.train()``.
+    """
+
+    def __init__(self, model: nn.Module, groups: Sequence[LayerGroup]) -> None:
+        self.model = model
+        self.owner = assign_groups(model, groups)
+        self.module_owner = module_groups(model, groups)
+        self._hooks: list[Any] = []
+
+    def apply(self, plan: Plan) -> None:
+        """Set which parameters learn and which modules stay in eval mode."""
+        for name, p in self.model.named_parameters():
+            gp = plan[self.owner[name]]
+            p.requires_grad_(gp.trainable and selects(gp.only, name))
+            if not p.requires_grad:
+                p.grad = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for path, module in self.model.named_modules():
+            group = self.module_owner.get(path)
+            if group is None:
+                continue
+            gp = plan[group]
+            if gp.fully_frozen or (isinstance(module, _BatchNorm) and gp.bn_mode == "eval"):
+                module.training = False
+                self._hooks.append(module.register_forward_pre_hook(_force_eval))
+
+    def remove(self) -> None:
+        """Remove the eval-mode pins (e.g. after training)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run the block with every module in eval mode, restoring each module's flag after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def _compose(stages: Sequence[Stage]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        for stage in stages:
+            x = stage.forward(x)
+        return x
+
+    return forward
+
+
+class SplitModel(nn.Module):
+    """The model as (frozen prefix, trainable rest); DDP wraps this so only the rest syncs."""
+
+    def __init__(self, model: nn.Module, stages: Sequence[Stage] | None, cut: int) -> None:
+        super().__init__()
+        self.model = model
+        self.cut = cut
+        if stages is None:
+            self.prefix = None
+            self.rest = model
+        else:
+            self.prefix = _compose(stages[:cut]) if cut else None
+            self.rest = _compose(stages[cut:])
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen prefix's output: no autograd, every module in eval mode."""
+        if self.prefix is None:
+            return x
+        with torch.no_grad(), eval_mode(self.model):
+            return self.prefix(x)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.rest(features)
+
+
+def frozen_prefix(stages: Sequence[Stage] | None, plan: Plan) -> int:
+    """How many leading stages are fully frozen under ``plan`` (never the last one)."""
+    if not stages:
+        return 0
+    cut = 0
+    for stage in stages[:-1]:
+        if all(plan[g].fully_frozen for g in stage.groups):
+            cut += 1
+        else:
+            break
+    return cut
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch.device; None means CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _distributed() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    from zoo.checkpoint import atomic_write
+
+    with atomic_write(path) as handle:
+        torch.save(obj, handle)
+
+
+class Batches:
+    """Raw (image, label) batches from in-memory tensors or a DataLoader, in a given order."""
+
+    def __init__(self, data: ImageData, batch_size: int, num_workers: int = 0,
+                 pin_memory: bool = False) -> None:
+        self.data = data
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+
+    def __call__(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor,
+                                                              torch.Tensor]]:
+        """Yield ``(indices, images, labels)`` for consecutive chunks of ``order``."""
+        if self.data.tensors is not None:
+            images, labels = self.data.tensors
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                yield idx, images[idx], labels[idx]
+            return
+        loader = torch.utils.data.DataLoader(
+            self.data, batch_size=self.batch_size, sampler=order.tolist(),
+            num_workers=self.num_workers, pin_memory=self.pin_memory,
+        )
+        start = 0
+        for images, labels in loader:
+            idx = order[start:start + len(labels)]
+            start += len(labels)
+            yield idx, images, labels
+
+
+# --------------------------------------------------------------------------- finetune
+
+
+def finetune(
+    backbone: str | Backbone,
+    strategy: str | FreezeStrategy,
+    train: Any,
+    val: Any = None,
+    *,
+    epochs: int = 3,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    weights: str | os.PathLike[str] | None = "default",
+    num_classes: int | None = None,
+    strategy_options: Mapping[str, Any] | None = None,
+    output_dir: str | os.PathLike[str] | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    callbacks: Sequence[Callback] = (),
+    scheduler: str | Callable[[torch.optim.Optimizer], Any] | None = "cosine",
+    augment: bool = False,
+    limit_per_class: int | None = None,
+    cache: bool = True,
+    cache_memory: int | None = None,
+    feature_store: FeatureStore | None = None,
+    checkpoint_kind: str = "delta",
+    resume: str | os.PathLike[str] | None = None,
+    quiet: bool = False,
+    amp: bool | None = None,
+    channels_last: bool | None = None,
+    compile: bool = False,
+    num_workers: int = 0,
+    builder_kwargs: Mapping[str, Any] | None = None,
+    image_size: int | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``backbone`` with ``strategy`` on ``train``; evaluate on ``val`` each epoch.
+
+    ``train``/``val`` are a built-in dataset name, an ImageFolder path, a ``(x, y)`` tensor
+    pair or a torch Dataset (``val=None`` with a named dataset uses its validation split).
+    ``weights="default"`` starts from the backbone's default pretrained weights (``None``:
+    random). With ``output_dir`` a resumable state is saved after every epoch and the final
+    model is saved as a checkpoint (``checkpoint_kind`` "delta" or "full").
+    ``scheduler`` is "cosine", None, or a callable ``optimizer -> scheduler`` stepped once
+    per epoch. ``image_size`` overrides the input resolution (e.g. 64 for a quick run; a
+    ViT also needs ``builder_kwargs={"image_size": 64}``). Returns the model, its per-epoch
+    history and metrics, and the checkpoint.
+    """
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ZooError(f"epochs must be a whole number >= 1, got {epochs!r}")
+    if batch_size < 1 or not lr > 0:
+        raise ZooError("batch_size must be >= 1 and lr > 0")
+    spec = get_backbone(backbone) if isinstance(backbone, str) else backbone
+    strat = (make_strategy(strategy, strategy_options) if isinstance(strategy, str)
+             else strategy)
+    rank, world = _distributed()
+    dev = resolve_device(device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(dev)
+    torch.manual_seed(seed)
+
+    train_data = load_data(train, "train", limit_per_class=limit_per_class, seed=seed)
+    val_data = _validation_data(train, val, limit_per_class, seed)
+    classes = num_classes or len(train_data.classes)
+    if num_classes is not None and num_classes < len(train_data.classes):
+        raise ZooError(f"num_classes={num_classes} but the training data has "
+                       f"{len(train_data.classes)} classes")
+    _check_labels(train_data, classes, "training")
+    if val_data is not None:
+        _check_labels(val_data, classes, "validation")
+
+    base_weights = weights if strat.pretrained else None
+    model = create_model(spec, num_classes=classes, weights=base_weights,
+                         **dict(builder_kwargs or {}))
+    base_info = model.zoo_weights
+    layer_groups = spec.layer_groups(model)
+    names = [g.name for g in layer_groups]
+    strat.check(names, model, layer_groups)
+    model = strat.prepare(model, layer_groups)
+    transform = _transform(spec, base_weights, augment, model)
+    if image_size is not None:
+        transform = replace(transform, input_size=(transform.input_size[0], image_size,
+                                                   image_size))
+    _check_channels(train_data, transform)
+
+    use_amp = dev.type == "cuda" if amp is None else amp
+    if channels_last is None:
+        channels_last = dev.type == "cuda" and any(isinstance(m, nn.Conv2d)
+                                                   for m in model.modules())
+    model.to(dev)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    state = FreezeState(model, layer_groups)
+    plans = [strat.plan(e, names, epochs) for e in range(epochs)]
+    for p in plans:
+        if set(p) != set(names):
+            raise IncompatibleError(f"strategy {strat.name!r} planned groups {sorted(p)}, "
+                                    f"backbone has {names}")
+    optimizer = _optimizer(model, state.owner, plans, names, lr, weight_decay)
+    sched = _scheduler(scheduler, optimizer, epochs)
+    stages = list(resolve_callable(spec.stages)(model)) if spec.stages else None
+
+    run = Run(spec, strat, model, optimizer, sched, names, epochs, dev)
+    out = Path(output_dir) if output_dir is not None else None
+    config = _run_config(spec, strat, base_info, classes, train_data, transform, builder_kwargs,
+                         dict(epochs=epochs, batch_size=batch_size, lr=lr,
+                              weight_decay=weight_decay, seed=seed, augment=augment,
+                              scheduler=scheduler if isinstance(scheduler, str | None)
+                              else "custom", limit_per_class=limit_per_class))
+    model.zoo_config = config  # type: ignore[assignment]
+    start_epoch = 0
+    if resume is not None:
+        start_epoch = _restore(Path(resume), run, config)
+        out = out or Path(resume)
+
+    store = feature_store or (shared_store(cache_memory) if cache else None)
+    cacheable = cache and transform.deterministic
+    if strat.extract_features and not cacheable:
+        raise IncompatibleError("feature_extract needs a deterministic input pipeline: "
+                                "turn augmentation off, or use linear_probe")
+    weights_key = (base_info or {}).get("sha256") or f"random-seed{seed}"
+    train_batches = Batches(train_data, batch_size, num_workers, dev.type == "cuda")
+    val_batches = Batches(val_data, batch_size * 2, num_workers, dev.type == "cuda") \
+        if val_data is not None else None
+
+    def to_input(images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        x = transform(images.to(dev, non_blocking=True), generator)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 \
+            else x
+
+    def autocast() -> Any:
+        if not use_amp:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if dev.type != "cuda" or torch.cuda.is_bf16_supported() \
+            else torch.float16
+        return torch.autocast(dev.type, dtype=dtype)
+
+    scaler = torch.amp.GradScaler(enabled=use_amp and dev.type == "cuda"
+                                  and not torch.cuda.is_bf16_supported())
+
+    def cached_features(split: SplitModel, data: ImageData, batches: Batches, tag: str
+                        ) -> torch.Tensor | None:
+        if store is None or not cacheable or split.prefix is None:
+            return None
+        boundary = ",".join(g for s in stages[:split.cut] for g in s.groups)
+        key = CacheKey(spec.name, weights_key, boundary, data.fingerprint(),
+                       transform.cache_key() + f"|{dev.type}|amp={use_amp}")
+
+        def compute() -> Iterator[torch.Tensor]:
+            order = torch.arange(len(data))
+            for _, images, _ in batches(order):
+                with autocast():
+                    yield split.features(to_input(images, None)).float()
+
+        return store.get_or_compute(key, compute, len(data))
+
+    wrapped: nn.Module | None = None
+    split: SplitModel | None = None
+    train_feats = val_feats = None
+    current_plan: Plan | None = None
+    started = time.perf_counter()
+    elapsed_before = run.history[-1]["time_s"] if run.history else 0.0
+    for cb in callbacks:
+        cb.on_train_start(run)
+    try:
+        for epoch in range(start_epoch, epochs):
+            epoch_start = time.perf_counter()
+            plan = plans[epoch]
+            if plan != current_plan:
+                state.apply(plan)
+                current_plan = run.plan = plan
+                cut = frozen_prefix(stages, plan) if stages else 0
+                split = SplitModel(model, stages, cut)
+                wrapped = _wrap(split, world, dev, compile)
+                train_feats = cached_features(split, train_data, train_batches, "train")
+                val_feats = cached_features(split, val_data, val_batches, "val") \
+                    if val_batches is not None else None
+            for cb in callbacks:
+                cb.on_epoch_start(run, epoch)
+            model.train()
+            generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            order = torch.randperm(len(train_data), generator=generator)
+            if world > 1:
+                per_rank = len(order) // world
+                order = order[rank * per_rank:(rank + 1) * per_rank]
+            aug_gen = torch.Generator(device=dev if dev.type == "cuda" else "cpu")
+            aug_gen.manual_seed(seed * 7_919 + epoch)
+            loss_sum = torch.zeros((), device=dev)
+            correct = torch.zeros((), device=dev, dtype=torch.long)
+            seen = 0
+            progress = _progress(len(order), batch_size, f"epoch {epoch + 1}/{epochs}",
+                                 quiet or rank != 0)
+            for idx, images, labels in train_batches(order):
+                labels = labels.to(dev, non_blocking=True)
+                if train_feats is not None:
+                    feats = train_feats[idx].to(dev, non_blocking=True)
+                else:
+                    feats = split.features(to_input(images, aug_gen))
+                with autocast():
+                    logits = wrapped(feats)
+                    loss = nn.functional.cross_entropy(logits.float(), labels)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                loss_sum += loss.detach() * len(labels)
+                correct += (logits.argmax(1) == labels).sum()
+                seen += len(labels)
+                progress.update(1)
+            progress.close()
+            train_loss = float(loss_sum) / max(seen, 1)
+            if not math.isfinite(train_loss):
+                where = f"; the last good state is in {out}" if out and epoch > 0 else ""
+                raise ZooError(f"training loss became {train_loss} in epoch {epoch + 1}{where}; "
+                               "lower the learning rate (--lr) and resume or start again")
+            if sched is not None:
+                sched.step()
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                "train_accuracy": float(correct) / max(seen, 1),
+            }
+            if val_data is not None:
+                record.update(_evaluate_split(split, val_data, val_batches, val_feats,
+                                              to_input, autocast, dev))
+            record["trainable_params"] = count_parameters(model, trainable_only=True)
+            record["lrs"] = {g["name"]: g["lr"] for g in optimizer.param_groups}
+            record["epoch_time_s"] = time.perf_counter() - epoch_start
+            record["time_s"] = elapsed_before + time.perf_counter() - started
+            run.history.append(record)
+            if out is not None and rank == 0:
+                _save_resume(out, run, epoch, config)
+            for cb in callbacks:
+                cb.on_epoch_end(run, epoch, record)
+            if run.stop:
+                break
+    except KeyboardInterrupt:
+        if out is not None and run.history:
+            raise ZooError(f"interrupted; the state after epoch {run.history[-1]['epoch']} is "
+                           f"saved: resume with --resume {out}") from None
+        raise
+    finally:
+        state.remove()
+    train_time = elapsed_before + time.perf_counter() - started
+    model.eval()
+    metrics = _metrics(run.history, train_time, model, plans)
+    if store is not None and cacheable:
+        metrics["feature_cache"] = {"hits": store.hits, "misses": store.misses}
+    checkpoint = None
+    if out is not None and rank == 0:
+        from zoo.checkpoint import save_checkpoint
+
+        checkpoint = save_checkpoint(model, out, kind=checkpoint_kind, metrics=metrics,
+                                     strategy=strat, history=run.history)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    result = FinetuneResult(model, run.history, metrics, checkpoint, config)
+    for cb in callbacks:
+        cb.on_train_end(run, result)
+    return result
+
+
+def _validation_data(train: Any, val: Any, limit: int | None, seed: int) -> ImageData | None:
+    if val is not None:
+        return load_data(val, "val", seed=seed)
+    if isinstance(train, str | os.PathLike):
+        return load_data(train, "val", seed=seed)
+    return None
+
+
+def _check_labels(data: ImageData, classes: int, what: str) -> None:
+    if len(data) == 0:
+        raise ZooError(f"the {what} data is empty")
+    low, high = int(data.targets.min()), int(data.targets.max())
+    if low < 0 or high >= classes:
+        raise ZooError(f"{what} labels must be in 0..{classes - 1}, found {low}..{high}; "
+                       "pass num_classes or relabel the data")
+
+
+def _check_channels(data: ImageData, transform: BatchTransform) -> None:
+    image, _ = data[0]
+    channels, wanted = image.shape[0], transform.input_size[0]
+    if channels != wanted and channels != 1:
+        raise ZooError(f"images have {channels} channels but the backbone expects {wanted}; "
+                       "convert the images (grey images are expanded automatically)")
+
+
+def _transform(spec: Backbone, weights: Any, augment: bool, model: nn.Module) -> BatchTransform:
+    if weights is None or model.zoo_weights is None:
+        return BatchTransform(spec.input_size, spec.mean, spec.std, augment=augment)
+    return transforms_for(spec, weights, augment=augment)
+
+
+def _optimizer(model: nn.Module, owner: Mapping[str, str], plans: Sequence[Plan],
+               names: Sequence[str], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with one param group per layer group, each at the lr it will train with."""
+    params: dict[str, list[nn.Parameter]] = {n: [] for n in names}
+    for pname, p in model.named_parameters():
+        params[owner[pname]].append(p)
+    groups = []
+    for name in names:
+        active = next((p[name] for p in plans if p[name].trainable), plans[0][name])
+        groups.append({"params": params[name], "lr": lr * active.lr_scale, "name": name})
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+
+
+def _scheduler(choice: Any, optimizer: torch.optim.Optimizer, epochs: int) -> Any:
+    if choice is None:
+        return None
+    if choice == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    if callable(choice):
+        return choice(optimizer)
+    raise ZooError(f"unknown scheduler {choice!r}; use 'cosine', None or a callable")
+
+
+def _wrap(split: SplitModel, world: int, dev: torch.device, compile: bool) -> nn.Module:
+    module: nn.Module = split
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [dev.index] if dev.type == "cuda" else None
+        module = DistributedDataParallel(split, device_ids=ids)
+    if compile:
+        module = torch.compile(module)
+    return module
+
+
+def _progress(total_items: int, batch_size: int, desc: str, disable: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=math.ceil(total_items / batch_size), desc=desc, disable=disable,
+                leave=False, unit="batch")
+
+
+@torch.no_grad()
+def _evaluate_split(split: SplitModel, data: ImageData, batches: Batches,
+                    feats: torch.Tensor | None, to_input: Callable, autocast: Callable,
+                    dev: torch.device) -> dict[str, float]:
+    with eval_mode(split.model):
+        loss_sum, correct = 0.0, 0
+        for idx, images, labels in batches(torch.arange(len(data))):
+            labels = labels.to(dev)
+            x = feats[idx].to(dev) if feats is not None else split.features(to_input(images,
+                                                                                     None))
+            with autocast():
+                logits = split(x).float()
+            loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(1) == labels).sum())
+    return {"val_loss": loss_sum / len(data), "val_accuracy": correct / len(data)}
+
+
+def _metrics(history: list[dict[str, Any]], train_time: float, model: nn.Module,
+             plans: Sequence[Plan]) -> dict[str, Any]:
+    last = history[-1] if history else {}
+    vals = [h["val_accuracy"] for h in history if "val_accuracy" in h]
+    return {
+        "val_accuracy": last.get("val_accuracy"),
+        "best_val_accuracy": max(vals) if vals else None,
+        "val_loss": last.get("val_loss"),
+        "train_accuracy": last.get("train_accuracy"),
+        "train_loss": last.get("train_loss"),
+        "epochs": len(history),
+        "train_time_s": train_time,
+        "trainable_params": max((h["trainable_params"] for h in history), default=0),
+        "total_params": count_parameters(model),
+    }
+
+
+def _run_config(spec: Backbone, strat: FreezeStrategy, base_info: Any, classes: int,
+                data: ImageData, transform: BatchTransform, builder_kwargs: Any,
+                training: dict[str, Any]) -> dict[str, Any]:
+    from zoo import __version__
+
+    return {
+        "zoo_version": __version__,
+        "backbone": spec.name,
+        "weights": base_info,
+        "num_classes": classes,
+        "class_names": list(data.classes) if len(data.classes) == classes else None,
+        "strategy": {"name": strat.name, "options": strat.options()},
+        "preprocessing": {"input_size": list(transform.input_size),
+                          "mean": list(transform.mean), "std": list(transform.std)},
+        "builder_kwargs": dict(builder_kwargs or {}),
+        "dataset": data.name,
+        "training": training,
+    }
+
+
+def _save_resume(out: Path, run: Run, epoch: int, config: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    state = {
+        "epoch": epoch,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+        "rng": torch.get_rng_state(),
+        "history": run.history,
+        "config": {k: config[k] for k in ("backbone", "num_classes", "strategy")},
+    }
+    _atomic_torch_save(state, out / RESUME_FILE)
+
+
+def _restore(directory: Path, run: Run, config: dict[str, Any]) -> int:
+    path = directory / RESUME_FILE
+    if not path.is_file():
+        raise ZooError(f"nothing to resume in {directory}: no {RESUME_FILE} (a run with "
+                       "output_dir writes one after every epoch)")
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    saved = state["config"]
+    mine = {k: config[k] for k in ("backbone", "num_classes", "strategy")}
+    if saved != mine:
+        raise ZooError(f"{path} belongs to a different run ({saved}); resume it with the "
+                       "same backbone, strategy and options")
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scheduler is not None and state["scheduler"] is not None:
+        run.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    run.history[:] = state["history"]
+    return int(state["epoch"]) + 1
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Any, *, batch_size: int = 128, split: str = "val",
+             device: str | torch.device | None = None,
+             transform: BatchTransform | None = None) -> dict[str, float]:
+    """Accuracy and loss of ``model`` on ``data`` (any form ``finetune`` accepts).
+
+    The input transform comes from the model's zoo config (set by ``finetune`` and
+    ``load_checkpoint``) unless ``transform`` is given.
+    """
+    dev = resolve_device(device) if device is not None else next(model.parameters()).device
+    dataset = load_data(data, split)
+    if transform is None:
+        pre = getattr(model, "zoo_config", {}).get("preprocessing")
+        if pre is None:
+            raise ZooError("the model carries no preprocessing; pass transform=")
+        transform = BatchTransform(tuple(pre["input_size"]), tuple(pre["mean"]),
+                                   tuple(pre["std"]))
+    was_training = model.training
+    model.eval().to(dev)
+    loss_sum, correct, top5 = 0.0, 0, 0
+    try:
+        for _, images, labels in Batches(dataset, batch_size)(torch.arange(len(dataset))):
+            logits = model(transform(images.to(dev))).float()
+            labels = labels.to(dev)
+            loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(1) == labels).sum())
+            k = min(5, logits.shape[1])
+            top5 += int((logits.topk(k, 1).indices == labels[:, None]).any(1).sum())
+    finally:
+        model.train(was_training)
+    n = len(dataset)
+    return {"accuracy": correct / n, "top5_accuracy": top5 / n, "loss": loss_sum / n,
+            "samples": n}
