@@ -733,12 +733,17 @@ class BatchTransform:
 
     ``augment`` pads each image by 1/8 of its size (reflecting), crops it back at a random
     offset and flips half of them horizontally, all drawn from ``generator``.
+    ``crop_pct`` < 1 resizes to ``size / crop_pct`` first and takes the centre crop, as
+    ImageNet evaluation does (resize 256, crop 224); ``interpolation`` is "bilinear" or
+    "bicubic".
     """
 
     input_size: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool = False
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
         size = tuple(int(s) for s in self.input_size)
@@ -755,6 +760,12 @@ class BatchTransform:
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
         object.__setattr__(self, "augment", bool(self.augment))
+        if not 0 < float(self.crop_pct) <= 1:
+            raise ZooError(f"crop_pct must be in (0, 1]; got {self.crop_pct!r}")
+        if self.interpolation not in ("bilinear", "bicubic"):
+            raise ZooError(f"interpolation must be 'bilinear' or 'bicubic'; "
+                           f"got {self.interpolation!r}")
+        object.__setattr__(self, "crop_pct", float(self.crop_pct))
 
     @property
     def deterministic(self) -> bool:
@@ -765,7 +776,8 @@ class BatchTransform:
         """A stable string naming this transform, for cache keys."""
         c, h, w = self.input_size
         return (f"batch-transform-v1:size={c}x{h}x{w}:mean={','.join(map(repr, self.mean))}"
-                f":std={','.join(map(repr, self.std))}:resize=bilinear-antialias"
+                f":std={','.join(map(repr, self.std))}:resize={self.interpolation}-antialias"
+                f":crop={self.crop_pct!r}"
                 f":augment={'pad-crop-flip' if self.augment else 'none'}")
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -776,9 +788,15 @@ class BatchTransform:
         if self.augment:
             x = _pad_crop_flip(x, generator)
         c, h, w = self.input_size
-        if tuple(x.shape[2:]) != (h, w):
-            x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True,
+        rh, rw = round(h / self.crop_pct), round(w / self.crop_pct)
+        if tuple(x.shape[2:]) != (rh, rw):
+            x = F.interpolate(x, size=(rh, rw), mode=self.interpolation, antialias=True,
                               align_corners=False)
+            if self.interpolation == "bicubic":
+                x = x.clamp(0.0, 1.0)
+        if (rh, rw) != (h, w):
+            top, left = (rh - h) // 2, (rw - w) // 2
+            x = x[:, :, top:top + h, left:left + w]
         x = _match_channels(x, c)
         mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, c, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, c, 1, 1)

@@ -76,7 +76,8 @@ def create_model(
         )
     if num_classes is not None:
         replace_head(model, backbone.head, num_classes)
-    model.zoo_weights = {"tag": spec.tag, "sha256": sha256}  # type: ignore[assignment]
+    model.zoo_weights = {"tag": spec.tag, "sha256": sha256,  # type: ignore[assignment]
+                         "source": spec.source}
     return model
 
 
@@ -139,7 +140,10 @@ def transforms_for(name: str | Backbone, weights: str | Weights | None = "defaul
     from zoo.weights import weights_spec
 
     spec = weights_spec(backbone, weights)
-    return BatchTransform(spec.input_size, spec.mean, spec.std, augment=augment)
+    crop = spec.input_size[-1] / spec.resize_size if spec.resize_size else 1.0
+    return BatchTransform(spec.input_size, spec.mean, spec.std, augment=augment,
+                          crop_pct=min(crop, 1.0), interpolation=spec.interpolation
+                          if spec.interpolation in ("bilinear", "bicubic") else "bilinear")
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -642,7 +642,9 @@ def _run_config(spec: Backbone, strat: FreezeStrategy, base_info: Any, classes: 
         "class_names": list(data.classes) if len(data.classes) == classes else None,
         "strategy": {"name": strat.name, "options": strat.options()},
         "preprocessing": {"input_size": list(transform.input_size),
-                          "mean": list(transform.mean), "std": list(transform.std)},
+                          "mean": list(transform.mean), "std": list(transform.std),
+                          "crop_pct": transform.crop_pct,
+                          "interpolation": transform.interpolation},
         "builder_kwargs": dict(builder_kwargs or {}),
         "dataset": data.name,
         "training": training,
@@ -686,6 +688,13 @@ def _restore(directory: Path, run: Run, config: dict[str, Any]) -> int:
 # --------------------------------------------------------------------------- evaluate
 
 
+def transform_from_config(pre: Mapping[str, Any]) -> BatchTransform:
+    """The eval transform recorded in a checkpoint's ``preprocessing`` section."""
+    return BatchTransform(tuple(pre["input_size"]), tuple(pre["mean"]), tuple(pre["std"]),
+                          crop_pct=pre.get("crop_pct", 1.0),
+                          interpolation=pre.get("interpolation", "bilinear"))
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Any, *, batch_size: int = 128, split: str = "val",
              device: str | torch.device | None = None,
@@ -701,8 +710,7 @@ def evaluate(model: nn.Module, data: Any, *, batch_size: int = 128, split: str =
         pre = getattr(model, "zoo_config", {}).get("preprocessing")
         if pre is None:
             raise ZooError("the model carries no preprocessing; pass transform=")
-        transform = BatchTransform(tuple(pre["input_size"]), tuple(pre["mean"]),
-                                   tuple(pre["std"]))
+        transform = transform_from_config(pre)
     was_training = model.training
     model.eval().to(dev)
     loss_sum, correct, top5 = 0.0, 0, 0
