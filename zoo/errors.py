@@ -31,8 +31,8 @@ class UnknownNameError(ZooError, KeyError):
         if not close:
             lowered = name.lower()
             close = [c for c in candidates if lowered in c.lower()][:3]
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        return cls(f"unknown {kind} {name!r}{context}{hint}", name=name, candidates=candidates)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        return cls(f"unknown {kind} {name!r}{hint}{context}", name=name, candidates=candidates)
 
 
 class DuplicateNameError(ZooError):

@@ -40,7 +40,7 @@ def _call_each(hook_name: str, on_register: Callable[[Any, str], None]) -> None:
     """Call one hook plugin by plugin, so every spec and every error names its plugin."""
     pm = get_plugin_manager()
     hook = getattr(pm.hook, hook_name)
-    for impl in reversed(hook.get_hookimpls()):  # pluggy calls last-registered first
+    for impl in hook.get_hookimpls():  # in registration order: built-ins first
         plugin = impl.plugin_name
 
         def register(spec: Any, _plugin: str = plugin) -> None:

@@ -1,0 +1,436 @@
+"""The ``zoo`` command: parses arguments, calls the public API, prints the result.
+
+Errors a user can fix print one line (``zoo: error: ...``) and exit with status 2; an
+unexpected failure prints one line too and exits 1. ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from zoo.errors import ZooError
+
+
+class UsageError(ZooError):
+    """A command line that does not parse."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and raises instead of exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _options(pairs: Sequence[str] | None) -> dict[str, Any]:
+    from zoo.strategies import parse_option_value
+
+    result: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--option expects KEY=VALUE, got {pair!r}")
+        result[key.strip()] = parse_option_value(value)
+    return result
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def _size(num_bytes: int | None) -> str:
+    if num_bytes is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1024 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return str(num_bytes)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    import zoo
+
+    if args.strategies:
+        names = zoo.list_strategies(args.pattern)
+        if args.json:
+            print(json.dumps([{"name": n, "description": zoo.get_strategy(n).description}
+                              for n in names], indent=2))
+        else:
+            for n in names:
+                print(f"{n:16} {zoo.get_strategy(n).description}")
+        return
+    names = zoo.list_backbones(args.pattern)
+    if args.json:
+        print(json.dumps(names, indent=2))
+    else:
+        print("\n".join(names))
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    import zoo
+    from zoo.registry import current
+
+    registry = current()
+    if args.name in registry.strategies or args.name in registry.strategy_aliases:
+        spec = zoo.get_strategy(args.name)
+        print(f"strategy: {spec.name}  (plugin {spec.plugin})\n{spec.description}")
+        for key, doc in spec.options.items():
+            print(f"  --option {key}=...  {doc}")
+        return
+    import torch
+
+    from zoo.models import assign_groups
+    from zoo.weights import describe
+
+    spec = zoo.get_backbone(args.name)
+    with torch.device("meta"):
+        model = spec.build()
+    groups = spec.layer_groups(model)
+    owner = assign_groups(model, groups, spec.name)
+    sizes = dict.fromkeys((g.name for g in groups), 0)
+    for pname, p in model.named_parameters():
+        sizes[owner[pname]] += p.numel()
+    print(f"backbone: {spec.name}  (plugin {spec.plugin})")
+    if spec.description:
+        print(spec.description)
+    print(f"input size: {'x'.join(map(str, spec.input_size))}, classes: {spec.num_classes}, "
+          f"head: {spec.head}, parameters: {sum(sizes.values()):,}")
+    if spec.aliases:
+        print(f"aliases: {', '.join(spec.aliases)}")
+    rows = [("group", "parameters")] + [(g, f"{n:,}") for g, n in sizes.items()]
+    print("\nlayer groups (input to output):\n" + _table(rows))
+    weights = describe(spec)
+    if not weights:
+        print("\nweights: none declared (random initialisation only)")
+        return
+    rows = [("tag", "default", "source", "size", "cached", "license")]
+    for w in weights:
+        rows.append((w["tag"], "*" if w["default"] else "", w["source"], _size(w["size_bytes"]),
+                     "yes" if w["cached"] else "no", str(w.get("license") or "?")))
+    print("\nweights:\n" + _table(rows))
+
+
+def cmd_plugins(args: argparse.Namespace) -> None:
+    from zoo.plugins import get_plugin_manager
+    from zoo.registry import current
+
+    pm = get_plugin_manager()
+    registry = current()
+    rows = [("plugin", "hooks", "backbones", "strategies")]
+    for name, plugin in pm.list_name_plugin():
+        hooks = ",".join(sorted(h.name for h in pm.get_hookcallers(plugin) or []))
+        backbones = sum(1 for b in registry.backbones.values() if b.plugin == name)
+        families = [f.prefix + "*" for f in registry.families if f.plugin == name]
+        strategies = sum(1 for s in registry.strategies.values() if s.plugin == name)
+        rows.append((name, hooks, " ".join([str(backbones)] + families), str(strategies)))
+    print(_table(rows))
+    for note in pm.notes:
+        print(f"note: {note}")
+
+
+def cmd_datasets(args: argparse.Namespace) -> None:
+    from zoo.data import list_datasets
+
+    rows = [("name", "classes", "image", "train", "val", "description")]
+    for d in list_datasets():
+        rows.append((d.name, str(d.num_classes), f"{d.channels}x{d.image_size[0]}x"
+                     f"{d.image_size[1]}", str(d.train_size), str(d.val_size), d.description))
+    print(_table(rows))
+    print("\nAny ImageFolder directory works too: DIR/<class>/*.jpg, or DIR/train and DIR/val.")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from zoo.strategies import plan
+
+    report = plan(args.backbone, args.strategy, _options(args.option), epochs=args.epochs,
+                  lr=args.lr, num_classes=args.num_classes)
+    print(f"{report.backbone} x {report.strategy} {json.dumps(report.options)}, "
+          f"{args.epochs} epoch(s), lr {args.lr}")
+    print(report.table())
+    share = report.trainable_params / max(report.total_params, 1)
+    print(f"\n{report.trainable_params:,} of {report.total_params:,} parameters train "
+          f"({share:.2%}).")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    import zoo
+
+    weights = None if args.weights in ("none", "random") else args.weights
+    result = zoo.finetune(
+        args.backbone, args.strategy, args.data, args.val, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, weights=weights,
+        strategy_options=_options(args.option), output_dir=args.out, device=args.device,
+        seed=args.seed, augment=args.augment, limit_per_class=args.limit_per_class,
+        cache=not args.no_cache, checkpoint_kind=args.checkpoint, resume=args.resume,
+        quiet=args.quiet, image_size=args.image_size,
+    )
+    for record in result.history:
+        val = f", val accuracy {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""
+        print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}{val} "
+              f"({record['epoch_time_s']:.1f} s)")
+    m = result.metrics
+    print(f"trainable parameters: {m['trainable_params']:,} of {m['total_params']:,}; "
+          f"training time {m['train_time_s']:.1f} s")
+    if result.checkpoint is not None:
+        print(f"checkpoint: {result.checkpoint}")
+
+
+def _load_model(target: str) -> Any:
+    if target.startswith("hf-hub:") or (not Path(target).exists() and target.count("/") == 1):
+        from zoo.hub import from_pretrained
+
+        return from_pretrained(target)
+    from zoo.checkpoint import load_checkpoint
+
+    return load_checkpoint(target)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import zoo
+
+    model = _load_model(args.checkpoint)
+    metrics = zoo.evaluate(model, args.data, split=args.split, device=args.device)
+    print(json.dumps(metrics, indent=2) if args.json else
+          f"accuracy {metrics['accuracy']:.4f}, top-5 {metrics['top5_accuracy']:.4f}, "
+          f"loss {metrics['loss']:.4f} on {metrics['samples']} images")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    import torch
+
+    from zoo.data import load_image
+    from zoo.runner import transform_from_config
+
+    model = _load_model(args.checkpoint)
+    config = model.zoo_config
+    transform = transform_from_config(config["preprocessing"])
+    names = config.get("class_names") or [str(i) for i in range(config["num_classes"])]
+    for image_path in args.images:
+        image = load_image(image_path, channels=transform.input_size[0])
+        with torch.no_grad():
+            probs = model(transform(image[None])).softmax(1)[0]
+        top = probs.topk(min(args.top_k, len(probs)))
+        print(image_path)
+        for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            print(f"  {p:6.2%}  {i:4d}  {names[i]}")
+
+
+def cmd_weights_download(args: argparse.Namespace) -> None:
+    from zoo.weights import download
+
+    name, _, tag = args.name.partition(":")
+    path = download(name, tag or None)
+    print(f"{args.name}: {path}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from zoo.compare import compare, format_table
+
+    result = compare(
+        args.backbones, args.strategies, args.data, args.val, epochs=args.epochs,
+        budget=args.budget, output_dir=args.out, seeds=tuple(args.seeds),
+        batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
+        limit_per_class=args.limit_per_class, strategy_options=None, quiet=args.quiet,
+    )
+    print(format_table(result))
+    print(f"\nreport: {Path(args.out) / 'report.md'}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from zoo.compare import format_table, run_demo
+
+    result = run_demo(args.out, quick=args.quick)
+    print(format_table(result))
+    print(f"\nreport: {Path(args.out) / 'report.md'}")
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from zoo.hub import push_to_hub
+
+    url = push_to_hub(args.directory, args.repo_id, token=args.token, endpoint=args.endpoint,
+                      private=args.private, revision=args.revision,
+                      commit_message=args.message, create_pr=args.create_pr)
+    print(f"pushed {args.directory} to {args.repo_id}: {url}")
+
+
+def cmd_pull(args: argparse.Namespace) -> None:
+    from zoo.hub import pull_from_hub
+
+    path = pull_from_hub(args.repo_id, revision=args.revision, token=args.token,
+                         endpoint=args.endpoint)
+    print(path)
+
+
+def cmd_doctor(args: argparse.Namespace) -> None:
+    from zoo.doctor import report
+
+    print(report())
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> Parser:
+    """The argument parser for every ``zoo`` subcommand."""
+    parser = Parser(prog="zoo", description="A plugin-based model zoo for transfer learning.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    p = sub.add_parser("list", help="list backbones (or strategies)")
+    p.add_argument("pattern", nargs="?", help="fnmatch pattern, e.g. 'resnet*' or 'timm/vit*'")
+    p.add_argument("--strategies", action="store_true", help="list strategies instead")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("info", help="a backbone's groups and weights, or a strategy's options")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("plugins", help="loaded plugins and what they register")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("datasets", help="built-in datasets")
+    p.set_defaults(func=cmd_datasets)
+
+    def common_training(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--epochs", type=int, default=3)
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument("--image-size", type=int, help="input resolution (default: the weights')")
+        p.add_argument("--limit-per-class", type=int, help="keep N training images per class")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("plan", help="dry run: what a strategy trains on a backbone")
+    p.add_argument("backbone")
+    p.add_argument("strategy")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--num-classes", type=int)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("finetune", help="fine-tune a backbone with a strategy")
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--strategy", required=True)
+    p.add_argument("--data", required=True, help="built-in dataset name or ImageFolder dir")
+    p.add_argument("--val", help="validation data (default: the dataset's val split)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="strategy option")
+    p.add_argument("--weights", default="default", help="weights tag, path, or 'none'")
+    p.add_argument("--out", help="checkpoint directory")
+    p.add_argument("--resume", metavar="DIR", help="continue an interrupted run")
+    p.add_argument("--checkpoint", choices=("delta", "full"), default="delta")
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--augment", action="store_true")
+    p.add_argument("--no-cache", action="store_true", help="never cache frozen features")
+    common_training(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="accuracy of a checkpoint on a dataset")
+    p.add_argument("checkpoint", help="checkpoint directory or hf-hub:REPO")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--device")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="top-k classes for images")
+    p.add_argument("checkpoint", help="checkpoint directory or hf-hub:REPO")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top-k", type=int, default=5)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("weights", help="manage pretrained weights")
+    wsub = p.add_subparsers(dest="weights_command", metavar="ACTION", parser_class=Parser)
+    w = wsub.add_parser("download", help="pre-fetch weights into the cache")
+    w.add_argument("name", metavar="NAME[:TAG]")
+    w.set_defaults(func=cmd_weights_download)
+
+    p = sub.add_parser("compare", help="strategies x backbones versus training from scratch")
+    p.add_argument("--backbones", nargs="+", required=True)
+    p.add_argument("--strategies", nargs="+", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--val")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--budget", type=float, help="wall-clock seconds per run")
+    common_training(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("demo", help="the built-in comparison (runs offline in minutes)")
+    p.add_argument("--out", default="demo-report")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    p.set_defaults(func=cmd_demo)
+
+    def hub_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--revision")
+        p.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
+        p.add_argument("--token", help="Hub token (default: HF_TOKEN or your hf login)")
+
+    p = sub.add_parser("push", help="upload a checkpoint directory to a Hub repo")
+    p.add_argument("directory")
+    p.add_argument("repo_id")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--create-pr", action="store_true")
+    p.add_argument("--message", help="commit message")
+    hub_args(p)
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("pull", help="download a checkpoint from a Hub repo")
+    p.add_argument("repo_id")
+    hub_args(p)
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("doctor", help="environment report for bug reports")
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``zoo`` command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("ZOO_DEBUG") == "1"
+    try:
+        args = build_parser().parse_args(argv)
+        if not getattr(args, "func", None):
+            build_parser().print_help()
+            return 2
+        args.func(args)
+        return 0
+    except ZooError as exc:
+        if debug:
+            raise
+        print(f"zoo: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zoo: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"zoo: internal error: {type(exc).__name__}: {_one_line(exc)} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
