@@ -282,6 +282,7 @@ def finetune(
     limit_per_class: int | None = None,
     cache: bool = True,
     cache_memory: int | None = None,
+    cache_views: int = 0,
     feature_store: FeatureStore | None = None,
     checkpoint_kind: str = "delta",
     resume: str | os.PathLike[str] | None = None,
@@ -300,6 +301,8 @@ def finetune(
     ``weights="default"`` starts from the backbone's default pretrained weights (``None``:
     random). With ``output_dir`` a resumable state is saved after every epoch and the final
     model is saved as a checkpoint (``checkpoint_kind`` "delta" or "full").
+    With ``augment=True`` the frozen-prefix cache is off unless ``cache_views=K``: then K
+    augmented views of every training image are computed once and epoch e uses view e % K.
     ``scheduler`` is "cosine", None, or a callable ``optimizer -> scheduler`` stepped once
     per epoch. ``image_size`` overrides the input resolution (e.g. 64 for a quick run; a
     ViT also needs ``builder_kwargs={"image_size": 64}``). Returns the model, its per-epoch
@@ -373,8 +376,10 @@ def finetune(
         start_epoch = _restore(Path(resume), run, config)
         out = out or Path(resume)
 
-    store = feature_store or (shared_store(cache_memory) if cache else None)
-    cacheable = cache and transform.deterministic
+    store = feature_store if feature_store is not None else (
+        shared_store(cache_memory) if cache else None)
+    cacheable = cache and (transform.deterministic or cache_views > 0)
+    eval_transform = replace(transform, augment=False)
     if strat.extract_features and not cacheable:
         raise IncompatibleError("feature_extract needs a deterministic input pipeline: "
                                 "turn augmentation off, or use linear_probe")
@@ -384,7 +389,9 @@ def finetune(
         if val_data is not None else None
 
     def to_input(images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        x = transform(images.to(dev, non_blocking=True), generator)
+        """Images to model input: augmented when a generator is given, else the eval view."""
+        chosen = transform if generator is not None else eval_transform
+        x = chosen(images.to(dev, non_blocking=True), generator)
         return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 \
             else x
 
@@ -398,21 +405,34 @@ def finetune(
     scaler = torch.amp.GradScaler(enabled=use_amp and dev.type == "cuda"
                                   and not torch.cuda.is_bf16_supported())
 
-    def cached_features(split: SplitModel, data: ImageData, batches: Batches, tag: str
-                        ) -> torch.Tensor | None:
+    def cached_features(split: SplitModel, data: ImageData, batches: Batches,
+                        view: int | None = None) -> torch.Tensor | None:
+        """The frozen prefix's output for ``data`` (augmented view ``view``), from the cache."""
         if store is None or not cacheable or split.prefix is None:
             return None
         boundary = ",".join(g for s in stages[:split.cut] for g in s.groups)
+        chosen = eval_transform if view is None else transform
         key = CacheKey(spec.name, weights_key, boundary, data.fingerprint(),
-                       transform.cache_key() + f"|{dev.type}|amp={use_amp}")
+                       chosen.cache_key() + f"|{dev.type}|amp={use_amp}",
+                       view=0 if view is None else view + 1)
 
         def compute() -> Iterator[torch.Tensor]:
-            order = torch.arange(len(data))
-            for _, images, _ in batches(order):
+            generator = None
+            if view is not None:
+                generator = torch.Generator(device=dev if dev.type == "cuda" else "cpu")
+                generator.manual_seed(seed * 7_919 + 1_000_003 * (view + 1))
+            for _, images, _ in batches(torch.arange(len(data))):
                 with autocast():
-                    yield split.features(to_input(images, None)).float()
+                    yield split.features(to_input(images, generator)).float()
 
         return store.get_or_compute(key, compute, len(data))
+
+    def train_features(split: SplitModel, epoch: int) -> torch.Tensor | None:
+        if transform.deterministic:
+            return cached_features(split, train_data, train_batches)
+        if cache_views > 0:
+            return cached_features(split, train_data, train_batches, view=epoch % cache_views)
+        return None
 
     wrapped: nn.Module | None = None
     split: SplitModel | None = None
@@ -432,9 +452,9 @@ def finetune(
                 cut = frozen_prefix(stages, plan) if stages else 0
                 split = SplitModel(model, stages, cut)
                 wrapped = _wrap(split, world, dev, compile)
-                train_feats = cached_features(split, train_data, train_batches, "train")
-                val_feats = cached_features(split, val_data, val_batches, "val") \
+                val_feats = cached_features(split, val_data, val_batches) \
                     if val_batches is not None else None
+            train_feats = train_features(split, epoch)
             for cb in callbacks:
                 cb.on_epoch_start(run, epoch)
             model.train()
