@@ -174,7 +174,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         strategy_options=_options(args.option), output_dir=args.out, device=args.device,
         seed=args.seed, augment=args.augment, limit_per_class=args.limit_per_class,
         cache=not args.no_cache, checkpoint_kind=args.checkpoint, resume=args.resume,
-        quiet=args.quiet, image_size=args.image_size,
+        quiet=args.quiet, image_size=args.image_size, strict=args.strict,
     )
     for record in result.history:
         val = f", val accuracy {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""
@@ -311,6 +311,8 @@ def build_parser() -> Parser:
         p.add_argument("--image-size", type=int, help="input resolution (default: the weights')")
         p.add_argument("--limit-per-class", type=int, help="keep N training images per class")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--strict", action="store_true",
+                       help="refuse image files that do not decode (default: skip and count)")
 
     p = sub.add_parser("plan", help="dry run: what a strategy trains on a backbone")
     p.add_argument("backbone")

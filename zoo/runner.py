@@ -280,6 +280,7 @@ def finetune(
     scheduler: str | Callable[[torch.optim.Optimizer], Any] | None = "cosine",
     augment: bool = False,
     limit_per_class: int | None = None,
+    strict: bool = False,
     cache: bool = True,
     cache_memory: int | None = None,
     cache_views: int = 0,
@@ -304,7 +305,8 @@ def finetune(
     With ``augment=True`` the frozen-prefix cache is off unless ``cache_views=K``: then K
     augmented views of every training image are computed once and epoch e uses view e % K.
     ``scheduler`` is "cosine", None, or a callable ``optimizer -> scheduler`` stepped once
-    per epoch. ``image_size`` overrides the input resolution (e.g. 64 for a quick run; a
+    per epoch. ``strict=True`` refuses image files that do not decode (by default they are
+    skipped and counted). ``image_size`` overrides the input resolution (e.g. 64 for a quick run; a
     ViT also needs ``builder_kwargs={"image_size": 64}``). Returns the model, its per-epoch
     history and metrics, and the checkpoint.
     """
@@ -322,8 +324,9 @@ def finetune(
         torch.cuda.set_device(dev)
     torch.manual_seed(seed)
 
-    train_data = load_data(train, "train", limit_per_class=limit_per_class, seed=seed)
-    val_data = _validation_data(train, val, limit_per_class, seed)
+    train_data = load_data(train, "train", limit_per_class=limit_per_class, seed=seed,
+                           strict=strict)
+    val_data = _validation_data(train, val, seed, strict)
     classes = num_classes or len(train_data.classes)
     if num_classes is not None and num_classes < len(train_data.classes):
         raise ZooError(f"num_classes={num_classes} but the training data has "
@@ -542,11 +545,11 @@ def finetune(
     return result
 
 
-def _validation_data(train: Any, val: Any, limit: int | None, seed: int) -> ImageData | None:
+def _validation_data(train: Any, val: Any, seed: int, strict: bool) -> ImageData | None:
     if val is not None:
-        return load_data(val, "val", seed=seed)
+        return load_data(val, "val", seed=seed, strict=strict)
     if isinstance(train, str | os.PathLike):
-        return load_data(train, "val", seed=seed)
+        return load_data(train, "val", seed=seed, strict=strict)
     return None
 
 
