@@ -26,7 +26,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from zoo.errors import CheckpointError, UnknownNameError, ZooError
+from zoo.errors import CheckpointError, UnknownNameError, WeightsError, ZooError
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -310,7 +310,13 @@ def _build_base(config: Mapping[str, Any], strategy: Any, *, meta: bool = False,
             target = source.removeprefix("file:") if source.startswith("file:") else source
         else:
             target = tag
-        model = create_model(spec, weights=target, **kwargs)
+        try:
+            model = create_model(spec, weights=target, **kwargs)
+        except WeightsError as exc:
+            raise CheckpointError(
+                f"cannot rebuild the base weights {tag!r} of {spec.name!r} that this delta "
+                f"checkpoint applies to: {exc}"
+            ) from exc
         actual = (model.zoo_weights or {}).get("sha256")
         if weights.get("sha256") and actual != weights["sha256"]:
             raise CheckpointError(
@@ -389,11 +395,28 @@ def _load_strict(model: nn.Module, tensors: Mapping[str, torch.Tensor], director
 
 
 def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
-    """A Hugging Face model card (README.md) with Hub YAML metadata, results and usage."""
+    """A Hugging Face model card (README.md): Hub YAML metadata, results, usage, training setup.
+
+    The metadata follows the Hub's conventions (``library_name``, ``pipeline_tag``,
+    ``license``, ``base_model``, ``tags``, ``datasets``, ``metrics`` and a ``model-index``
+    with the validation accuracy). The load snippet names ``hf-hub:<namespace>/<name>``,
+    which ``zoo.push_to_hub`` replaces with the repo pushed to. Built from the config and
+    metrics only, so nothing secret (such as a token) can end up in it.
+    """
+    import re
+
     from zoo.registry import get_backbone
 
+    hub_licenses = {  # licence identifiers the Hub accepts in card metadata (common ones)
+        "apache-2.0", "mit", "bsd", "bsd-2-clause", "bsd-3-clause", "bsd-3-clause-clear", "isc",
+        "zlib", "unlicense", "cc0-1.0", "cc-by-2.0", "cc-by-3.0", "cc-by-4.0", "cc-by-sa-3.0",
+        "cc-by-sa-4.0", "cc-by-nc-2.0", "cc-by-nc-3.0", "cc-by-nc-4.0", "cc-by-nd-4.0",
+        "cc-by-nc-nd-4.0", "cc-by-nc-sa-3.0", "cc-by-nc-sa-4.0", "gpl-2.0", "gpl-3.0",
+        "lgpl-2.1", "lgpl-3.0", "agpl-3.0", "mpl-2.0", "epl-2.0", "openrail", "other"}
+    q = json.dumps  # a JSON string is a valid YAML scalar, whatever characters it holds
     backbone = config["backbone"]
     strategy = (config.get("strategy") or {}).get("name") or "none"
+    options = (config.get("strategy") or {}).get("options") or {}
     weights = config.get("weights") or {}
     license_, base_model = None, None
     with contextlib.suppress(ZooError):
@@ -403,40 +426,84 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
             license_ = w.license
             if w.source.startswith("hf-hub:"):
                 base_model = w.source.removeprefix("hf-hub:").split("@")[0]
-    tags = ["zoo", "image-classification", "transfer-learning",
-            backbone.replace("/", "-"), strategy]
+    timm_ready = "architecture" in config and "pretrained_cfg" in config
+    dataset = config.get("dataset")
+    if not (isinstance(dataset, str) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", dataset)
+            and dataset != "tensors"):
+        dataset = None
+    accuracy = metrics.get("val_accuracy")
+    title = f"{backbone} fine-tuned with {strategy}"
+
     lines = ["---", "library_name: zoo", "pipeline_tag: image-classification"]
     if license_:
-        lines.append(f"license: {license_.lower()}")
+        hub_license = license_.lower()
+        if hub_license in hub_licenses:
+            lines.append(f"license: {hub_license}")
+        else:  # the Hub refuses unknown identifiers: "other" with a name
+            slug = re.sub(r"[^a-z0-9.-]+", "-", hub_license).strip("-")
+            lines += ["license: other", f"license_name: {q(slug)}"]
     if base_model:
-        lines.append(f"base_model: {base_model}")
-    lines.append("tags:")
-    lines += [f"- {t}" for t in tags]
-    if config.get("dataset"):
-        lines += ["datasets:", f"- {config['dataset']}"]
-    lines += ["metrics:", "- accuracy", "---", ""]
-    title = f"{backbone} fine-tuned with {strategy}"
+        lines.append(f"base_model: {q(base_model)}")
+    tags = ["zoo", "image-classification", "transfer-learning", backbone.replace("/", "-"),
+            strategy, f"{config['kind']}-checkpoint"] + (["timm"] if timm_ready else [])
+    lines += ["tags:"] + [f"- {q(t)}" for t in dict.fromkeys(tags)]
+    if dataset:
+        lines += ["datasets:", f"- {q(dataset)}"]
+    lines += ["metrics:", "- accuracy"]
+    if dataset and isinstance(accuracy, int | float):
+        lines += ["model-index:", f"- name: {q(title)}", "  results:",
+                  "  - task:", "      type: image-classification",
+                  "    dataset:", f"      name: {q(dataset)}", f"      type: {q(dataset)}",
+                  "    metrics:", "    - type: accuracy", f"      value: {float(accuracy):.4f}",
+                  "      name: validation accuracy"]
+    lines += ["---", ""]
+
+    base = f"`{weights['tag']}` weights" if weights.get("tag") else "random initialisation"
     lines += [f"# {title}", "",
-              f"A `{backbone}` backbone adapted with the `{strategy}` strategy by "
-              f"[zoo](https://pypi.org/project/zoo/) ({config['kind']} checkpoint).", ""]
-    rows = [(k, v) for k, v in metrics.items() if isinstance(v, int | float) and v is not None]
+              f"A `{backbone}` image classifier ({config['num_classes']} classes) adapted from "
+              f"{base} with the `{strategy}` strategy by zoo, a plugin-based model zoo for "
+              f"transfer learning. This is a **{config['kind']}** checkpoint"
+              + (": it stores only the tensors that differ from the base weights, which zoo "
+                 "rebuilds from its registry and checks by sha256 (the plugin that declares "
+                 f"`{backbone}` must be installed)." if config["kind"] == "delta"
+                 else ": it stores every tensor."), ""]
+    rows = [(k, v) for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)]
     if rows:
         lines += ["## Results", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
                   for k, v in rows]
         lines.append("")
-    options = json.dumps((config.get("strategy") or {}).get("options") or {})
+    pre = config.get("preprocessing") or {}
     lines += ["## How to load it", "", "```python", "import zoo",
-              'model = zoo.from_pretrained("<this repo or directory>")', "```", "",
-              "## Training configuration", "",
+              'model = zoo.from_pretrained("hf-hub:<namespace>/<name>")  # or a local directory',
+              "```", ""]
+    if timm_ready:
+        lines += ["Or with timm alone:", "", "```python", "import timm",
+                  'model = timm.create_model("hf-hub:<namespace>/<name>", pretrained=True)',
+                  "```", ""]
+    if pre:
+        size = "x".join(map(str, pre.get("input_size", [])))
+        lines += [f"Inputs are {size} images scaled to [0, 1], then normalised with mean "
+                  f"{pre.get('mean')} and std {pre.get('std')}.", ""]
+    lines += ["## Training configuration", "",
               f"- backbone: `{backbone}`, base weights: `{weights.get('tag') or 'random'}`"
               + (f" (sha256 `{weights['sha256'][:16]}...`)" if weights.get("sha256") else ""),
-              f"- strategy: `{strategy}` {options}",
+              f"- strategy: `{strategy}`" + (f" with {json.dumps(options)}" if options else ""),
               f"- classes: {config['num_classes']}"
-              + (f" ({', '.join(map(str, config['class_names'][:20]))})"
-                 if config.get("class_names") else ""),
-              f"- preprocessing: {json.dumps(config.get('preprocessing'))}"]
+              + (f" ({', '.join(map(str, config['class_names'][:20]))}"
+                 + (", ..." if len(config["class_names"]) > 20 else "") + ")"
+                 if config.get("class_names") else "")]
+    if config.get("dataset"):
+        lines.append(f"- dataset: `{config['dataset']}`")
+    if pre:
+        lines.append(f"- preprocessing: {json.dumps(pre)}")
+    if config.get("builder_kwargs"):
+        lines.append(f"- builder arguments: {json.dumps(config['builder_kwargs'])}")
     training = config.get("training") or {}
     if training:
         lines.append("- training: " + ", ".join(f"{k}={v}" for k, v in training.items()))
+    if config.get("zoo_version"):
+        lines.append(f"- zoo version: {config['zoo_version']}")
     return "\n".join(lines) + "\n"
+

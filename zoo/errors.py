@@ -53,3 +53,7 @@ class CheckpointError(ZooError):
 
 class WeightsError(ZooError):
     """Pretrained weights that cannot be fetched, verified or loaded."""
+
+
+class HubError(ZooError):
+    """A Hub request that failed: missing repo, revision or file, auth, network, offline."""

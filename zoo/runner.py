@@ -382,10 +382,13 @@ def finetune(
     store = feature_store if feature_store is not None else (
         shared_store(cache_memory) if cache else None)
     cacheable = cache and (transform.deterministic or cache_views > 0)
+    hits_before, misses_before = (store.hits, store.misses) if store is not None else (0, 0)
     eval_transform = replace(transform, augment=False)
     if strat.extract_features and not cacheable:
-        raise IncompatibleError("feature_extract needs a deterministic input pipeline: "
-                                "turn augmentation off, or use linear_probe")
+        raise IncompatibleError("feature_extract computes the frozen features once, so it "
+                                "needs the feature cache (cache=True) and a deterministic "
+                                "input pipeline (augment=False, or cache_views=K); "
+                                "otherwise use linear_probe")
     weights_key = (base_info or {}).get("sha256") or f"random-seed{seed}"
     train_batches = Batches(train_data, batch_size, num_workers, dev.type == "cuda")
     val_batches = Batches(val_data, batch_size * 2, num_workers, dev.type == "cuda") \
@@ -496,18 +499,19 @@ def finetune(
                 where = f"; the last good state is in {out}" if out and epoch > 0 else ""
                 raise ZooError(f"training loss became {train_loss} in epoch {epoch + 1}{where}; "
                                "lower the learning rate (--lr) and resume or start again")
-            if sched is not None:
-                sched.step()
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "train_loss": train_loss,
                 "train_accuracy": float(correct) / max(seen, 1),
+                # the rates this epoch trained with, before the scheduler moves them
+                "lrs": {g["name"]: g["lr"] for g in optimizer.param_groups},
             }
+            if sched is not None:
+                sched.step()
             if val_data is not None:
                 record.update(_evaluate_split(split, val_data, val_batches, val_feats,
                                               to_input, autocast, dev))
             record["trainable_params"] = count_parameters(model, trainable_only=True)
-            record["lrs"] = {g["name"]: g["lr"] for g in optimizer.param_groups}
             record["epoch_time_s"] = time.perf_counter() - epoch_start
             record["time_s"] = elapsed_before + time.perf_counter() - started
             run.history.append(record)
@@ -528,7 +532,8 @@ def finetune(
     model.eval()
     metrics = _metrics(run.history, train_time, model, plans)
     if store is not None and cacheable:
-        metrics["feature_cache"] = {"hits": store.hits, "misses": store.misses}
+        metrics["feature_cache"] = {"hits": store.hits - hits_before,
+                                    "misses": store.misses - misses_before}
     checkpoint = None
     if out is not None and rank == 0:
         from zoo.checkpoint import save_checkpoint

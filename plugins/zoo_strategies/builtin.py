@@ -34,6 +34,7 @@ class Partial(FreezeStrategy):
         if frozen_groups is not None and freeze_to is not None:
             raise ValueError("give frozen_groups or freeze_to, not both")
         if frozen_groups is not None and (not isinstance(frozen_groups, int)
+                                          or isinstance(frozen_groups, bool)
                                           or frozen_groups < 0):
             raise ValueError(f"frozen_groups must be a whole number >= 0, got {frozen_groups!r}")
         self.frozen_groups = frozen_groups
@@ -80,7 +81,7 @@ class Gradual(FreezeStrategy):
     """Head first; one more group (from the output side) unfreezes every ``every`` epochs."""
 
     def __init__(self, every: int = 1) -> None:
-        if not isinstance(every, int) or every < 1:
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be a whole number >= 1, got {every!r}")
         self.every = every
 

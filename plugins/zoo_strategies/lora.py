@@ -42,7 +42,7 @@ class LoRA(FreezeStrategy):
     def __init__(self, rank: int = 4, alpha: float | None = None,
                  targets: Sequence[str] | str = ("linear", "conv"),
                  groups: Sequence[str] | str | None = None, merge: bool = False) -> None:
-        if not isinstance(rank, int) or rank < 1:
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ValueError(f"rank must be a whole number >= 1, got {rank!r}")
         targets = [targets] if isinstance(targets, str) else list(targets)
         unknown = [t for t in targets if t not in _TARGETS]

@@ -155,7 +155,56 @@ def resolve(name: str) -> zoo.Backbone | None:
         std=tuple(cfg.std),
         description=f"timm {arch}",
         stages=stages,
+        export_config=export_config,
     )
+
+
+# pretrained_cfg keys that describe the architecture and input, not the source weights.
+_ARCH_CFG_KEYS = ("input_size", "min_input_size", "fixed_input_size", "interpolation",
+                  "crop_pct", "crop_mode", "mean", "std", "pool_size", "first_conv", "classifier")
+
+
+def export_config(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json keys for timm's Hub loader, so ``timm.create_model("hf-hub:<repo>",
+    pretrained=True)`` loads a zoo full checkpoint of a timm backbone without zoo.
+
+    timm reads ``architecture``, ``num_classes``, ``label_names``, ``model_args`` (extra
+    ``create_model`` arguments) and ``pretrained_cfg`` (input size, normalisation, crop,
+    classifier name; it must hold only ``timm.models.PretrainedCfg`` fields). A checkpoint
+    whose adapters are not merged into the weights is not a timm state dict: nothing added.
+    """
+    if config.get("prepared"):
+        return {}
+    timm = _require_timm()
+    arch = config["backbone"].removeprefix(PREFIX)
+    source = timm.get_pretrained_cfg(arch)
+    known = source.to_dict(remove_source=True) if source is not None else {}
+    cfg = {k: known[k] for k in _ARCH_CFG_KEYS if k in known}
+    pre = config.get("preprocessing") or {}
+    for key in ("input_size", "mean", "std", "crop_pct", "interpolation"):
+        if pre.get(key) is not None:
+            cfg[key] = pre[key]
+    if tuple(cfg.get("input_size", ())) != tuple(known.get("input_size", ())):
+        cfg.pop("pool_size", None)  # the feature map size changes with the input size
+    cfg.update(num_classes=config["num_classes"], custom_load=False)
+    license_ = _weights_license(config)
+    if license_:
+        cfg["license"] = license_.lower()
+    extra: dict[str, Any] = {"architecture": arch, "num_classes": config["num_classes"]}
+    if config.get("class_names"):
+        extra["label_names"] = list(config["class_names"])
+    if config.get("builder_kwargs"):
+        extra["model_args"] = dict(config["builder_kwargs"])
+    extra["pretrained_cfg"] = cfg
+    return extra
+
+
+def _weights_license(config: dict[str, Any]) -> str | None:
+    """The licence of the weights the checkpoint was trained from, if declared."""
+    tag = (config.get("weights") or {}).get("tag")
+    backbone = resolve(config["backbone"]) if tag else None
+    found = [w.license for w in (backbone.weights if backbone else ()) if w.tag == tag]
+    return found[0] if found else None
 
 
 def _derive_for(classifier: str, model: Any) -> list[zoo.LayerGroup]:
