@@ -9,7 +9,6 @@ this fast; measured margins over five seeds were 19-44 accuracy points.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -62,11 +61,7 @@ def test_pretrain_push_pull_then_transfer_beats_scratch(tmp_path: Path) -> None:
         )
         return result.metrics["val_accuracy"]
 
-    # The Hub cache links model.safetensors to a blob named by its hash, which zoo's weight
-    # loader would not recognise as safetensors: use a copy with the right suffix.
-    weights = tmp_path / "digits-0-4.safetensors"
-    shutil.copyfile(pulled / "model.safetensors", weights)
-    transferred = run(weights)
+    transferred = run(pulled / "model.safetensors")
     scratch = run(None)
     print(f"transferred {transferred:.3f}, scratch {scratch:.3f}")
     assert transferred >= scratch, (transferred, scratch)

@@ -151,8 +151,8 @@ def save_checkpoint(
     exported = strategy.export(model) if strategy is not None else model
     names_base = set(_build_base(config, None, meta=True).state_dict())
     prepared = set(exported.state_dict()) != names_base
-    if kind == "delta" and not config.get("weights"):
-        kind = "full"
+    if kind == "delta" and not _base_is_registered(config):
+        kind = "full"  # nobody could rebuild an unregistered (or random) base: save it all
     if kind == "delta":
         tensors = delta_state(exported, _base_state(config, strategy, prepared))
     else:
@@ -162,6 +162,16 @@ def save_checkpoint(
     _write_checkpoint(directory, _tensors_for_save(tensors), config, dict(metrics or {}),
                       history)
     return directory
+
+
+def _base_is_registered(config: Mapping[str, Any]) -> bool:
+    """Whether the config's base weights are a registered tag of its backbone."""
+    from zoo.registry import get_backbone
+
+    weights = config.get("weights")
+    if not weights:
+        return False
+    return weights.get("tag") in {w.tag for w in get_backbone(config["backbone"]).weights}
 
 
 def _add_export_config(config: dict[str, Any]) -> None:

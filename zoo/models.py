@@ -23,12 +23,16 @@ def get_submodule(model: nn.Module, path: str) -> nn.Module:
     return model.get_submodule(path)
 
 
-def replace_head(model: nn.Module, head: str, num_classes: int) -> nn.Module:
-    """Swap the ``nn.Linear`` at ``head`` for a freshly initialised one with ``num_classes``."""
+def replace_head(model: nn.Module, head: str, num_classes: int, *, force: bool = False
+                 ) -> nn.Module:
+    """Swap the ``nn.Linear`` at ``head`` for a freshly initialised one with ``num_classes``.
+
+    Without ``force`` a head that already has ``num_classes`` outputs is kept.
+    """
     old = model.get_submodule(head)
     if not isinstance(old, nn.Linear):
         raise ZooError(f"head {head!r} is a {type(old).__name__}, expected nn.Linear")
-    if old.out_features == num_classes:
+    if old.out_features == num_classes and not force:
         return model
     new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None,
                     device=old.weight.device, dtype=old.weight.dtype)

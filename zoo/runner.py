@@ -29,7 +29,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from zoo.data import BatchTransform, ImageData, load_data
 from zoo.errors import IncompatibleError, ZooError
 from zoo.features import CacheKey, FeatureStore, shared_store
-from zoo.models import assign_groups, count_parameters, create_model, transforms_for
+from zoo.models import (
+    assign_groups,
+    count_parameters,
+    create_model,
+    replace_head,
+    transforms_for,
+)
 from zoo.registry import get_backbone
 from zoo.spec import Backbone, LayerGroup, Stage, resolve_callable
 from zoo.strategies import FreezeStrategy, Plan, make_strategy, selects
@@ -294,6 +300,7 @@ def finetune(
     num_workers: int = 0,
     builder_kwargs: Mapping[str, Any] | None = None,
     image_size: int | None = None,
+    keep_head: bool = False,
 ) -> FinetuneResult:
     """Fine-tune ``backbone`` with ``strategy`` on ``train``; evaluate on ``val`` each epoch.
 
@@ -305,10 +312,12 @@ def finetune(
     With ``augment=True`` the frozen-prefix cache is off unless ``cache_views=K``: then K
     augmented views of every training image are computed once and epoch e uses view e % K.
     ``scheduler`` is "cosine", None, or a callable ``optimizer -> scheduler`` stepped once
-    per epoch. ``strict=True`` refuses image files that do not decode (by default they are
-    skipped and counted). ``image_size`` overrides the input resolution (e.g. 64 for a quick run; a
-    ViT also needs ``builder_kwargs={"image_size": 64}``). Returns the model, its per-epoch
-    history and metrics, and the checkpoint.
+    per epoch. The pretrained head is replaced by a fresh one for the new task unless
+    ``keep_head=True`` (same classes as the weights). ``strict=True`` refuses image files
+    that do not decode (by default they are skipped and counted). ``image_size`` overrides
+    the input resolution (e.g. 64 for a quick run; a ViT also needs
+    ``builder_kwargs={"image_size": 64}``). Returns the model, its per-epoch history and
+    metrics, and the checkpoint.
     """
     if not isinstance(epochs, int) or epochs < 1:
         raise ZooError(f"epochs must be a whole number >= 1, got {epochs!r}")
@@ -339,6 +348,10 @@ def finetune(
     model = create_model(spec, num_classes=classes, weights=base_weights,
                          **dict(builder_kwargs or {}))
     base_info = model.zoo_weights
+    if base_info is not None and not keep_head:
+        # A new task gets a new head, even with the same number of classes: the source
+        # task's classifier would start confidently wrong (CIFAR-10 -> MNIST, digits 0-4 -> 5-9).
+        replace_head(model, spec.head, classes, force=True)
     layer_groups = spec.layer_groups(model)
     names = [g.name for g in layer_groups]
     strat.check(names, model, layer_groups)

@@ -107,7 +107,9 @@ def _hub_cache_dir(source: str) -> Path:
 
 
 def _local_file(source: str) -> Path:
-    return Path(source.removeprefix("file:")).expanduser().resolve()
+    # absolute(), not resolve(): a Hub-cache file is a link to a suffix-less blob, and the
+    # loader picks the format from the name the user gave.
+    return Path(source.removeprefix("file:")).expanduser().absolute()
 
 
 def _package_file(source: str, tag: str) -> Path:
@@ -320,7 +322,7 @@ def weights_spec(backbone: Backbone, weights: str | os.PathLike[str] | Weights) 
 
 
 def _local_spec(backbone: Backbone, path: Path) -> Weights:
-    path = path.resolve()
+    path = path.expanduser().absolute()
     if not path.is_file():
         raise WeightsError(f"no weights file at {path}: check the path")
     state = _as_state_dict(_read(path), f"file:{path}")
