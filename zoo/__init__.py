@@ -13,6 +13,7 @@ from typing import Any
 from zoo.errors import (
     CheckpointError,
     DuplicateNameError,
+    HubError,
     IncompatibleError,
     PluginError,
     UnknownNameError,
@@ -50,7 +51,8 @@ _LAZY = {
 }
 
 __all__ = [
-    "Backbone", "BackboneFamily", "CheckpointError", "DuplicateNameError", "IncompatibleError",
+    "Backbone", "BackboneFamily", "CheckpointError", "DuplicateNameError", "HubError",
+    "IncompatibleError",
     "LayerGroup", "PluginError", "Stage", "Strategy", "UnknownNameError", "Weights",
     "WeightsError", "ZooError", "get_backbone", "get_strategy", "hookimpl", "list_backbones",
     "list_strategies", *_LAZY,

@@ -243,17 +243,17 @@ def cmd_compare(args: argparse.Namespace) -> None:
         budget=args.budget, output_dir=args.out, seeds=tuple(args.seeds),
         batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
         limit_per_class=args.limit_per_class, strategy_options=None, quiet=args.quiet,
+        strict=args.strict,
     )
     print(format_table(result))
-    print(f"\nreport: {Path(args.out) / 'report.md'}")
+    print("\n" + "\n".join(result.summary["lines"]))
+    print(f"\nreport: {result.report_path}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from zoo.compare import format_table, run_demo
+    from zoo.compare import run_demo
 
-    result = run_demo(args.out, quick=args.quick)
-    print(format_table(result))
-    print(f"\nreport: {Path(args.out) / 'report.md'}")
+    run_demo(args.out, quick=args.quick)  # prints its table, summary and report path
 
 
 def cmd_push(args: argparse.Namespace) -> None:
