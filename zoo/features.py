@@ -91,7 +91,8 @@ class FeatureStore:
         first = next(batches).detach().to("cpu")
         row_bytes = first[0].numel() * first.element_size()
         needed = row_bytes * count
-        self._make_room(needed)
+        if needed <= self.memory_budget:  # an entry that can never fit must not evict others
+            self._make_room(needed)
         if needed <= self.memory_budget - self.memory_bytes:
             out = torch.empty((count, *first.shape[1:]), dtype=first.dtype)
             self._memory[key] = out
