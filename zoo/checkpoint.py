@@ -110,7 +110,7 @@ def _tensors_for_save(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
 def _base_state(config: Mapping[str, Any], strategy: Any, prepared: bool
                 ) -> dict[str, torch.Tensor]:
     """The state dict of the checkpoint's base: pretrained weights (+ untrained adapters)."""
-    model = _build_base(config, strategy if prepared else None, seed_like_training=True)
+    model = _build_base(config, strategy if prepared else None)
     return model.state_dict()
 
 
@@ -293,7 +293,7 @@ def _strategy_from_config(config: Mapping[str, Any]) -> Any:
 
 
 def _build_base(config: Mapping[str, Any], strategy: Any, *, meta: bool = False,
-                seed_like_training: bool = False, allow_untrusted_base: bool = False
+                allow_untrusted_base: bool = False
                 ) -> nn.Module:
     """The model a checkpoint starts from: its backbone with the base weights (and adapters)."""
     from zoo.models import create_model, replace_head
