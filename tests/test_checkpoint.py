@@ -9,6 +9,7 @@ models saved locally and registered as "pretrained" (see conftest.py).
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ def base(pretrained: Callable[..., str]) -> str:
     return pretrained(BACKBONE)
 
 
-def train(backbone: str, strategy: str, data: Any, out: Path | None, *, kind: str = "delta",
+def train(backbone: str, strategy: str, data: Any, out: Path | None, *, kind: str = "auto",
           options: dict[str, Any] | None = None, image_size: int = 16,
           **kwargs: Any) -> zoo.FinetuneResult:
     return zoo.finetune(backbone, strategy, data, epochs=1, batch_size=10, lr=1e-2,
@@ -136,6 +137,23 @@ def test_a_model_without_pretrained_base_is_saved_in_full(tiny: zoo.Backbone, tr
     assert json.loads((result.checkpoint / "config.json").read_text())["kind"] == "full"
     assert tensor_names(result.checkpoint) == set(result.model.state_dict())
     assert_same_model(result.model, zoo.load_checkpoint(result.checkpoint))
+
+
+def test_asking_for_a_delta_of_an_unregistered_base_saves_full_and_says_so(
+        base_weights_file: Callable[..., tuple[Path, str]], tiny: zoo.Backbone,
+        train_data: Any, tmp_path: Path) -> None:
+    """A local weights file cannot be rebuilt elsewhere: "auto" saves full quietly, an
+    explicit "delta" saves full with a warning that says why and what to do."""
+    path, _ = base_weights_file(tiny)
+    result = train(tiny.name, "linear_probe", train_data, None, weights=str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto = zoo.save_checkpoint(result.model, tmp_path / "auto")
+    with pytest.warns(UserWarning, match="not the delta asked for.*register the weights"):
+        asked = zoo.save_checkpoint(result.model, tmp_path / "asked", kind="delta")
+    for saved in (auto, asked):
+        assert json.loads((saved / "config.json").read_text())["kind"] == "full"
+        assert_same_model(result.model, zoo.load_checkpoint(saved))
 
 
 # --------------------------------------------------------------------------- base hash

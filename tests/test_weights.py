@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import importlib.util
 import threading
 from collections.abc import Iterator
@@ -266,6 +267,52 @@ def test_local_path_weights_read_num_classes_from_the_file(tmp_path: Path) -> No
     model = zoo.create_model("resnet18", weights=str(path))
     assert model.fc.out_features == 7
     assert torch.equal(model.fc.weight, state["fc.weight"])
+
+
+# --- building straight into the weights ----------------------------------------------------
+
+
+class WithBuffer(torch.nn.Module):
+    """A layer with a non-persistent buffer: it is in no state dict, so it must be built."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, num_classes)
+        self.register_buffer("scale", torch.full((4,), 2.0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x * self.scale)
+
+
+def test_pretrained_models_skip_random_init_and_equal_a_normal_build() -> None:
+    """With every tensor in the weights, the model is built on the meta device and the
+    weights are assigned in: same values and dtypes, trainable, each in its own memory."""
+    from zoo.models import build_loaded
+
+    importlib.import_module("torch._dynamo")  # as after any optimizer (see build_loaded)
+    spec = zoo.get_backbone("resnet18")
+    torch.manual_seed(0)
+    reference = spec.build(10)
+    state = {k: v.double() if v.is_floating_point() else v  # float64 file, float32 model
+             for k, v in reference.state_dict().items()}
+    model = build_loaded(spec, 10, state)
+    assert model is not None
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype
+               for k in theirs)
+    assert all(p.requires_grad for p in model.parameters())
+    storages = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    assert len(set(storages)) == len(storages)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), reference.eval()(x))
+
+    buffered = dataclasses.replace(spec, name="with_buffer", builder=WithBuffer,
+                                   groups=(zoo.LayerGroup("head", ("fc",)),), head="fc",
+                                   stages=None)
+    assert build_loaded(buffered, 10, WithBuffer().state_dict()) is None
+    del state["fc.bias"]
+    assert build_loaded(spec, 10, state) is None  # incomplete: build and load normally
 
 
 # --- real pretrained weights ---------------------------------------------------------------

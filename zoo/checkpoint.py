@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -129,7 +130,7 @@ def save_checkpoint(
     model: nn.Module,
     directory: str | os.PathLike[str],
     *,
-    kind: str = "delta",
+    kind: str = "auto",
     metrics: Mapping[str, Any] | None = None,
     strategy: Any = None,
     history: Any = None,
@@ -137,13 +138,14 @@ def save_checkpoint(
 ) -> Path:
     """Save ``model`` as a checkpoint directory and return its path.
 
-    ``kind="delta"`` stores only what differs from the pretrained base (it falls back to
-    "full" when the model has no pretrained base); ``"full"`` stores every tensor. The
-    model must come from ``zoo.create_model``/``zoo.finetune`` (it carries its zoo config),
-    or ``config`` must say which backbone it is.
+    ``kind="delta"`` stores only what differs from the pretrained base; ``"full"`` stores
+    every tensor; ``"auto"`` is a delta when the base can be rebuilt from the registry (a
+    registered weights tag), else full. An explicit ``"delta"`` that cannot be one is saved
+    full with a warning. The model must come from ``zoo.create_model``/``zoo.finetune`` (it
+    carries its zoo config), or ``config`` must say which backbone it is.
     """
-    if kind not in ("delta", "full"):
-        raise ZooError(f"checkpoint kind must be 'delta' or 'full', got {kind!r}")
+    if kind not in ("auto", "delta", "full"):
+        raise ZooError(f"checkpoint kind must be 'auto', 'delta' or 'full', got {kind!r}")
     directory = Path(directory)
     config = dict(config or getattr(model, "zoo_config", None) or _config_from_model(model))
     if strategy is None and config.get("strategy"):
@@ -151,8 +153,20 @@ def save_checkpoint(
     exported = strategy.export(model) if strategy is not None else model
     names_base = set(_build_base(config, None, meta=True).state_dict())
     prepared = set(exported.state_dict()) != names_base
-    if kind == "delta" and not _base_is_registered(config):
-        kind = "full"  # nobody could rebuild an unregistered (or random) base: save it all
+    if kind != "full" and not _base_is_registered(config):
+        # Nobody could rebuild a random base or weights that are not a tag of the backbone
+        # (a Backbone object's own weights, a local file): only a full checkpoint loads.
+        if kind == "delta":
+            base = config.get("weights") or {}
+            warnings.warn(
+                f"saving a full checkpoint, not the delta asked for: its base "
+                f"({base.get('source') or base.get('tag') or 'random initialisation'}) is not "
+                f"registered weights of backbone {config['backbone']!r}, so a delta could not "
+                "be rebuilt elsewhere; register the weights in a plugin to get deltas",
+                stacklevel=2)
+        kind = "full"
+    elif kind == "auto":
+        kind = "delta"
     if kind == "delta":
         tensors = delta_state(exported, _base_state(config, strategy, prepared))
     else:
@@ -367,15 +381,21 @@ def load_checkpoint(directory: str | os.PathLike[str], *, device: str | torch.de
     except UnknownNameError as exc:
         raise CheckpointError(f"checkpoint needs strategy plugin: {exc}") from None
     if config["kind"] == "full":
-        from zoo.models import create_model
+        from zoo.models import build_loaded, create_model
+        from zoo.registry import get_backbone
 
-        model = create_model(config["backbone"], num_classes=config["num_classes"],
-                             **dict(config.get("builder_kwargs") or {}))
-        if strategy is not None:
-            from zoo.registry import get_backbone
-
-            model = strategy.prepare(model, get_backbone(config["backbone"]).layer_groups(model))
-        _load_strict(model, tensors, directory, partial=False)
+        builder_kwargs = dict(config.get("builder_kwargs") or {})
+        loaded = None if strategy is not None else build_loaded(
+            get_backbone(config["backbone"]), config["num_classes"], tensors, builder_kwargs)
+        if loaded is not None:
+            model = loaded
+        else:
+            model = create_model(config["backbone"], num_classes=config["num_classes"],
+                                 **builder_kwargs)
+            if strategy is not None:
+                model = strategy.prepare(
+                    model, get_backbone(config["backbone"]).layer_groups(model))
+            _load_strict(model, tensors, directory, partial=False)
     else:
         model = _build_base(config, strategy, allow_untrusted_base=allow_untrusted_base)
         _load_strict(model, tensors, directory, partial=True)

@@ -332,7 +332,8 @@ def build_parser() -> Parser:
     p.add_argument("--weights", default="default", help="weights tag, path, or 'none'")
     p.add_argument("--out", help="checkpoint directory")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted run")
-    p.add_argument("--checkpoint", choices=("delta", "full"), default="delta")
+    p.add_argument("--checkpoint", choices=("auto", "delta", "full"), default="auto",
+                   help="auto: a delta when the base weights are registered, else full")
     p.add_argument("--device")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--augment", action="store_true")

@@ -14,6 +14,7 @@ What it guarantees, for every backbone and strategy:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import os
 import time
@@ -291,7 +292,7 @@ def finetune(
     cache_memory: int | None = None,
     cache_views: int = 0,
     feature_store: FeatureStore | None = None,
-    checkpoint_kind: str = "delta",
+    checkpoint_kind: str = "auto",
     resume: str | os.PathLike[str] | None = None,
     quiet: bool = False,
     amp: bool | None = None,
@@ -308,9 +309,10 @@ def finetune(
     pair or a torch Dataset (``val=None`` with a named dataset uses its validation split).
     ``weights="default"`` starts from the backbone's default pretrained weights (``None``:
     random). With ``output_dir`` a resumable state is saved after every epoch and the final
-    model is saved as a checkpoint (``checkpoint_kind`` "delta" or "full").
-    With ``augment=True`` the frozen-prefix cache is off unless ``cache_views=K``: then K
-    augmented views of every training image are computed once and epoch e uses view e % K.
+    model is saved as a checkpoint (``checkpoint_kind`` "auto", "delta" or "full": see
+    ``save_checkpoint``). With ``augment=True`` the frozen-prefix cache is off unless
+    ``cache_views=K``: then K augmented views of every training image are computed once and
+    epoch e uses view e % K.
     ``scheduler`` is "cosine", None, or a callable ``optimizer -> scheduler`` stepped once
     per epoch. The pretrained head is replaced by a fresh one for the new task unless
     ``keep_head=True`` (same classes as the weights). ``strict=True`` refuses image files
@@ -323,6 +325,9 @@ def finetune(
         raise ZooError(f"epochs must be a whole number >= 1, got {epochs!r}")
     if batch_size < 1 or not lr > 0:
         raise ZooError("batch_size must be >= 1 and lr > 0")
+    if checkpoint_kind not in ("auto", "delta", "full"):  # checked now, not after training
+        raise ZooError(f"checkpoint_kind must be 'auto', 'delta' or 'full', "
+                       f"got {checkpoint_kind!r}")
     spec = get_backbone(backbone) if isinstance(backbone, str) else backbone
     strat = (make_strategy(strategy, strategy_options) if isinstance(strategy, str)
              else strategy)
@@ -345,6 +350,10 @@ def finetune(
         _check_labels(val_data, classes, "validation")
 
     base_weights = weights if strat.pretrained else None
+    # The optimizer below imports torch._dynamo (~1 s) anyway; importing it first lets
+    # create_model skip the random initialisation of tensors that the weights overwrite.
+    importlib.import_module("torch._dynamo")
+
     model = create_model(spec, num_classes=classes, weights=base_weights,
                          **dict(builder_kwargs or {}))
     base_info = model.zoo_weights
@@ -440,9 +449,12 @@ def finetune(
             if view is not None:
                 generator = torch.Generator(device=dev if dev.type == "cuda" else "cpu")
                 generator.manual_seed(seed * 7_919 + 1_000_003 * (view + 1))
-            for _, images, _ in batches(torch.arange(len(data))):
-                with autocast():
-                    yield split.features(to_input(images, generator)).float()
+            # Every module in eval mode once for the whole pass, not once per batch.
+            with eval_mode(split.model):
+                for _, images, _ in batches(torch.arange(len(data))):
+                    with torch.no_grad(), autocast():
+                        features = split.prefix(to_input(images, generator)).float()
+                    yield features
 
         return store.get_or_compute(key, compute, len(data))
 
