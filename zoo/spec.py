@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,9 @@ class LayerGroup:
 
     A member is a dotted module path or parameter name in ``model.named_parameters()``;
     a parameter (or buffer) belongs to the group when its name equals a member or starts
-    with ``member + "."``.
+    with ``member + "."``. Tensors of a ``torch.nn.utils.parametrize`` parametrization
+    (``conv.parametrizations.weight.original``, LoRA's adapters) belong to the group of the
+    tensor they parametrize (``conv.weight``).
     """
 
     name: str
@@ -69,7 +72,12 @@ class LayerGroup:
 
     def owns(self, tensor_name: str) -> bool:
         """Whether the parameter or buffer called ``tensor_name`` belongs to this group."""
-        return any(tensor_name == m or tensor_name.startswith(m + ".") for m in self.members)
+        name = _PARAMETRIZED.sub(r"\1\2", tensor_name)
+        return any(name == m or name.startswith(m + ".") for m in self.members)
+
+
+# "<module>.parametrizations.<tensor>.<anything>" is a parametrization of "<module>.<tensor>".
+_PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\..*$")
 
 
 @dataclass(frozen=True)

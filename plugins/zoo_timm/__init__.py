@@ -10,6 +10,8 @@ sources from ``EXTRA_WEIGHTS`` (e.g. the EfficientNet-Lite0 weights shipped on P
 from __future__ import annotations
 
 import importlib.util
+import os
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -62,14 +64,19 @@ def build(arch: str, *, num_classes: int = 1000, **kwargs: Any) -> Any:
     return _require_timm().create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
 
 
-def _group_name(index: int, first_param: str, taken: set[str]) -> str:
-    parts = first_param.split(".")
+def _group_name(index: int, params: list[str], taken: set[str]) -> str:
+    """A readable unique name: "stem" first, else the dotted prefix all of the group's
+    parameters share ("layer1", "blocks.0" -> "blocks_0"), else its first module's name."""
+    shared = os.path.commonprefix([p.split(".")[:-1] for p in params])
+    first = params[0].split(".")
     if index == 0:
         name = "stem"
-    elif len(parts) > 2 and parts[1].isdigit():
-        name = f"{parts[0]}_{parts[1]}"
+    elif shared:
+        name = "_".join(shared[:2])
+    elif len(first) > 2 and first[1].isdigit():
+        name = f"{first[0]}_{first[1]}"
     else:
-        name = parts[0]
+        name = first[0]
     unique, n = name, 1
     while unique in taken:
         n += 1
@@ -89,20 +96,113 @@ def derive_groups(model: Any, head: str) -> list[zoo.LayerGroup]:
         body = [n for n in names if not head_group.owns(n)]
         if not body:
             continue
-        name = _group_name(len(groups) if groups else index, body[0], taken)
+        name = _group_name(len(groups) if groups else index, body, taken)
         taken.add(name)
         groups.append(zoo.LayerGroup(name, tuple(body)))
     return [*groups, head_group]
 
 
 def stages(model: Any) -> list[zoo.Stage]:
-    """Two stages: pooled pre-logit features (every group but the head), then the head."""
-    body = tuple(g.name for g in derive_groups(model, _classifier_path(model))[:-1])
+    """The model's forward pass as stages, for the runner to cache a frozen prefix.
+
+    ResNet, EfficientNet and MobileNetV3 run their layer groups as a plain sequence, so they
+    get one stage per group (a partial freeze then caches everything it freezes), the last
+    body stage ending in the pooled pre-logit features so that ``head`` is the classifier
+    alone. Any other model, or one whose groups are not the expected ones, gets two stages:
+    pooled pre-logit features (every group but the head), then the head.
+    """
+    groups = derive_groups(model, _classifier_path(model))
+    head = zoo.Stage(("head",), model.get_classifier())
+    body, steps = groups[:-1], _sequential_steps(model)
+    if steps is not None and _steps_match(model, steps, body):
+        return [*(zoo.Stage((g.name,), fwd) for g, (_, fwd) in zip(body, steps, strict=True)),
+                head]
 
     def features(x: Any) -> Any:
         return model.forward_head(model.forward_features(x), pre_logits=True)
 
-    return [zoo.Stage(body, features), zoo.Stage(("head",), model.get_classifier())]
+    return [zoo.Stage(tuple(g.name for g in body), features), head]
+
+
+# One body layer group as a step: the submodules it runs (their dotted paths) and its forward.
+Step = tuple[tuple[str, ...], Callable[[Any], Any]]
+
+
+def _sequential_steps(model: Any) -> list[Step] | None:
+    """The per-group steps of a timm family known to be a plain sequence, else None."""
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.mobilenetv3 import MobileNetV3
+    from timm.models.resnet import ResNet
+
+    if isinstance(model, ResNet):
+        return _resnet_steps(model)
+    if isinstance(model, EfficientNet):
+        return _efficientnet_steps(model)
+    if isinstance(model, MobileNetV3):
+        return _mobilenetv3_steps(model)
+    return None
+
+
+def _resnet_steps(model: Any) -> list[Step]:
+    """ResNet: the stem (conv1, bn1, act1, maxpool), then layer1..layer4, the last pooled."""
+    stem = ("conv1", "bn1", "act1", "maxpool")
+    layers = [(name,) for name in ("layer1", "layer2", "layer3", "layer4")]
+    return _chain(model, [stem, *layers], pool_last=True)
+
+
+def _efficientnet_steps(model: Any) -> list[Step]:
+    """EfficientNet: the stem (conv_stem, bn1), then each ``blocks[i]``; timm groups conv_head
+    and bn2 with the last block, so that step runs them too and then pools."""
+    blocks = [(f"blocks.{i}",) for i in range(len(model.blocks))]
+    blocks[-1] = (*blocks[-1], "conv_head", "bn2")
+    return _chain(model, [("conv_stem", "bn1"), *blocks], pool_last=True)
+
+
+def _mobilenetv3_steps(model: Any) -> list[Step]:
+    """MobileNetV3: the stem, each ``blocks[i]``, then its "efficient head" (pool, conv_head,
+    norm_head, act2, flatten: ``forward_head`` up to the logits), which is a group of its own."""
+    blocks = [(f"blocks.{i}",) for i in range(len(model.blocks))]
+    body = _chain(model, [("conv_stem", "bn1"), *blocks], pool_last=False)
+    return [*body, (("conv_head", "norm_head"), partial(model.forward_head, pre_logits=True))]
+
+
+def _chain(model: Any, paths: list[tuple[str, ...]], *, pool_last: bool) -> list[Step]:
+    """A step per entry of ``paths``, each running those submodules in order; with
+    ``pool_last`` the last step also applies ``forward_head(pre_logits=True)``."""
+    steps: list[Step] = [(p, partial(_run_modules, model, p)) for p in paths]
+    if pool_last and steps:
+        last_paths, last = steps[-1]
+        steps[-1] = (last_paths, partial(_then_pool, model, last))
+    return steps
+
+
+def _run_modules(model: Any, paths: tuple[str, ...], x: Any) -> Any:
+    """Apply the submodules at ``paths`` in order, looked up per call (a strategy such as
+    LoRA may have replaced one since the stages were made)."""
+    for path in paths:
+        x = model.get_submodule(path)(x)
+    return x
+
+
+def _then_pool(model: Any, forward: Callable[[Any], Any], x: Any) -> Any:
+    """``forward``, then timm's pooling (and dropout) up to the pre-logit features."""
+    return model.forward_head(forward(x), pre_logits=True)
+
+
+def _steps_match(model: Any, steps: list[Step], body: list[zoo.LayerGroup]) -> bool:
+    """Whether there is one step per body group, every step path names a submodule, and each
+    step's submodules hold exactly the parameters of the group at its position."""
+    if len(steps) != len(body):
+        return False
+    modules = {name for name, _ in model.named_modules()}
+    params = [name for name, _ in model.named_parameters()]
+    for (paths, _), group in zip(steps, body, strict=True):
+        if not set(paths) <= modules:
+            return False
+        runs = zoo.LayerGroup(group.name, paths)
+        if {n for n in params if runs.owns(n)} != {n for n in params if group.owns(n)}:
+            return False
+    return True
 
 
 def _classifier_path(model: Any) -> str:
