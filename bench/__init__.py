@@ -8,4 +8,4 @@ harness on a tiny configuration.
 
 from __future__ import annotations
 
-SECTIONS = ("training", "cache", "checkpoints", "startup")
+SECTIONS = ("training", "memory", "cache", "checkpoints", "startup")

@@ -2,7 +2,8 @@
 
     python -m bench                      # everything (about 15 min on 2 CPUs)
     python -m bench --quick              # a short pass over every section
-    python -m bench --only training      # one section (training, cache, checkpoints, startup)
+    python -m bench --only training      # one section (training, memory, cache, checkpoints,
+                                         # startup)
     python -m bench --only training --models resnet18 --sizes 32 --epochs 1   # tiny
 """
 
@@ -27,15 +28,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", action="append", choices=SECTIONS, metavar="NAME",
                         help=f"run only this section (repeatable): {', '.join(SECTIONS)}")
     parser.add_argument("--out", default="bench-results.json", help="where to write JSON")
-    parser.add_argument("--models", help="training: comma-separated subset of "
+    parser.add_argument("--models", help="training, memory: comma-separated subset of "
                         "resnet18,lite0,vit_b_16")
     parser.add_argument("--strategies", help="training: comma-separated subset of "
                         "linear_probe,partial,full")
     parser.add_argument("--cell", action="append", metavar="MODEL:STRATEGY[:N]",
                         help="training: keep only these cells of the plan (repeatable), "
                         "e.g. resnet18:partial:512")
-    parser.add_argument("--sizes", help="training: dataset sizes, e.g. 512,4096 "
-                        "(replaces the plan's grid)")
+    parser.add_argument("--sizes", help="training: dataset sizes, e.g. 512,4096 (replaces "
+                        "the plan's grid); memory: keep only these sizes")
     parser.add_argument("--epochs", type=int, help="training: epochs of every cell "
                         "(replaces the plan's grid)")
     parser.add_argument("--eval-size", type=int, default=500,
@@ -126,6 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         plan = training_plan(args)
         section("training", lambda: training.run(plan, workdir, log, args.eval_size),
                 training.tables)
+    if "memory" in sections:
+        from bench import memory
+
+        plan_m = memory.default_plan(args.quick)
+        if args.models:
+            plan_m = [c for c in plan_m if c.model in args.models.split(",")]
+        if args.sizes:
+            plan_m = [c for c in plan_m if str(c.n) in args.sizes.split(",")]
+        section("memory", lambda: memory.run(plan_m, workdir, log), memory.tables)
     if "cache" in sections:
         from bench import cache
 

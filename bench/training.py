@@ -401,25 +401,9 @@ def tables(data: dict[str, Any]) -> str:
         table(["model", "strategy", "N", "E", "setup naive", "setup zoo", "epoch naive",
                "epoch zoo", "RSS naive MiB", "RSS zoo MiB", "cache MiB", "miss/hit",
                "max|dW|", "load"], setup_rows,
-              "Set-up, steady epoch time, peak RSS delta, cache, final weight difference"),
-        memory_table(cells),
+              "Set-up, steady epoch time, peak RSS delta, cache, final weight difference")
+        + "\n  RSS columns: sampled in-process, indicative only (they depend on what ran"
+        "\n  before); the memory section measures each run in a fresh process.",
     ]
     return "\n\n".join(parts)
 
-
-def memory_table(cells: Sequence[dict[str, Any]]) -> str:
-    """Peak RSS of zoo's frozen strategies against zoo's full fine-tune, same model and N."""
-    rows = []
-    full = {(r["model"], r["n"]): r["zoo"]["peak_rss_mib"] for r in cells
-            if r["strategy"] == "full"}
-    for r in cells:
-        if r["strategy"] == "full":
-            continue
-        ref = full.get((r["model"], r["n"]))
-        rows.append([r["model"], r["strategy"], r["n"], f"{r['zoo']['peak_rss_mib']:.0f}",
-                     f"{ref:.0f}" if ref is not None else "-",
-                     "-" if ref is None else ("met" if r["zoo"]["peak_rss_mib"] < ref
-                                              else "MISSED")])
-    return table(["model", "strategy", "N", "zoo peak MiB", "zoo full peak MiB",
-                  "frozen < full"], rows,
-                 "Peak memory (RSS delta over the run, sampled at 100 Hz)")

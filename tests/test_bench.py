@@ -22,7 +22,6 @@ def test_training_harness_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str
     text = capsys.readouterr().out
     assert "Training time (naive hand loop vs zoo" in text
     assert "Held-out accuracy" in text
-    assert "Peak memory" in text
     for strategy in ("linear_probe", "partial", "full"):
         assert f"resnet18  {strategy}" in text
     data = json.loads(out.read_text())
@@ -37,6 +36,17 @@ def test_training_harness_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str
     probe = next(c for c in cells if c["strategy"] == "linear_probe")
     assert probe["max_weight_diff"] < 1e-4
     assert probe["forward_pass"]["forward_s"] > 0
+
+
+def test_memory_harness_measures_each_run_in_its_own_process(tmp_path: Path) -> None:
+    from bench import memory
+
+    cell = memory.MemoryCell("resnet18", "linear_probe", 32, 1)
+    data = memory.run([cell], tmp_path, log=lambda line: None)
+    rows = {row["loop"]: row for row in data["rows"]}
+    assert set(rows) == {"zoo", "naive"}
+    assert all(row["peak_mib"] > 0 and row["baseline_mib"] > 100 for row in rows.values())
+    assert "Peak memory (fresh process per run" in memory.tables(data)
 
 
 def test_tables_are_aligned() -> None:

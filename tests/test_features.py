@@ -94,3 +94,22 @@ def test_augmentation_disables_the_cache_unless_views_are_asked_for() -> None:
     assert store.misses == 3  # val once, and two augmented training views
     with pytest.raises(zoo.IncompatibleError, match="deterministic"):
         finetune("feature_extract", store, augment=True)
+
+
+def test_the_default_budget_is_2_gib_or_a_quarter_of_the_available_memory() -> None:
+    from zoo.features import DEFAULT_CACHE_MEMORY, default_cache_memory, shared_store
+
+    budget = default_cache_memory()
+    assert 0 < budget <= DEFAULT_CACHE_MEMORY
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        available = next(int(line.split()[1]) * 1024 for line in meminfo.read_text().splitlines()
+                         if line.startswith("MemAvailable:"))
+        assert abs(budget - min(DEFAULT_CACHE_MEMORY, available // 4)) < 64 * 1024**2
+    # A run that names no budget gets the default back, whatever an earlier run asked for.
+    zoo.finetune("cifar_resnet20", "linear_probe", "digits", epochs=1, weights=None,
+                 image_size=16, limit_per_class=2, quiet=True, cache_memory=1_000)
+    assert shared_store().memory_budget == 1_000
+    zoo.finetune("cifar_resnet20", "linear_probe", "digits", epochs=1, weights=None,
+                 image_size=16, limit_per_class=2, quiet=True)
+    assert abs(shared_store().memory_budget - budget) < 64 * 1024**2

@@ -26,6 +26,19 @@ import torch
 DEFAULT_CACHE_MEMORY = 2 * 1024**3
 
 
+def default_cache_memory() -> int:
+    """The default budget: 2 GiB, or a quarter of the memory available now if that is less,
+    so that the cache leaves room for training on a small machine (Linux reads
+    ``MemAvailable``; elsewhere 2 GiB)."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+        available = int(next(line.split()[1] for line in text.splitlines()
+                             if line.startswith("MemAvailable:"))) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        return DEFAULT_CACHE_MEMORY
+    return min(DEFAULT_CACHE_MEMORY, available // 4)
+
+
 @dataclass(frozen=True)
 class CacheKey:
     """Everything a cached activation depends on."""
@@ -52,8 +65,8 @@ def _cache_dir() -> Path:
 class FeatureStore:
     """Cached activations, in memory up to a byte budget, then memory-mapped on disk."""
 
-    def __init__(self, memory_budget: int = DEFAULT_CACHE_MEMORY) -> None:
-        self.memory_budget = memory_budget
+    def __init__(self, memory_budget: int | None = None) -> None:
+        self.memory_budget = default_cache_memory() if memory_budget is None else memory_budget
         self._memory: OrderedDict[CacheKey, torch.Tensor] = OrderedDict()
         self._spilled: dict[CacheKey, tuple[Path, torch.Tensor]] = {}
         self.hits = 0
@@ -153,7 +166,7 @@ def shared_store(memory_budget: int | None = None) -> FeatureStore:
     """The process-wide store (a sweep's runs share it); its budget updated if given."""
     global _shared
     if _shared is None:
-        _shared = FeatureStore(memory_budget or DEFAULT_CACHE_MEMORY)
+        _shared = FeatureStore(memory_budget)
     elif memory_budget is not None:
         _shared.memory_budget = memory_budget
     return _shared

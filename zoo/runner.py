@@ -29,7 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from zoo.data import BatchTransform, ImageData, load_data
 from zoo.errors import IncompatibleError, ZooError
-from zoo.features import DEFAULT_CACHE_MEMORY, CacheKey, FeatureStore, shared_store
+from zoo.features import CacheKey, FeatureStore, default_cache_memory, shared_store
 from zoo.models import (
     assign_groups,
     count_parameters,
@@ -402,7 +402,7 @@ def finetune(
         out = out or Path(resume)
 
     store = feature_store if feature_store is not None else (
-        shared_store(cache_memory or DEFAULT_CACHE_MEMORY) if cache else None)
+        shared_store(cache_memory or default_cache_memory()) if cache else None)
     cacheable = cache and (transform.deterministic or cache_views > 0)
     hits_before, misses_before = (store.hits, store.misses) if store is not None else (0, 0)
     eval_transform = replace(transform, augment=False)
