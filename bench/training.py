@@ -140,6 +140,7 @@ def run_zoo(base: LocalBase, cell: Cell, data: Any, *, cache_memory: int | None 
         )
         result.extra["total_s"] = time.perf_counter() - t0 - clock.paused
     result.peak_rss = rss.peak_delta
+    result.extra["peak_anon"] = rss.peak_anon_delta
     result.extra["feature_cache"] = out.metrics.get("feature_cache")
     result.extra["cache_memory_bytes"] = store.memory_bytes
     result.extra["cache_entries"] = len(store)
