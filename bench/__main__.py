@@ -46,6 +46,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-model", default="resnet50",
                         help="checkpoints: backbone (default resnet50)")
     parser.add_argument("--startup-runs", type=int, default=5)
+    parser.add_argument("--memory-repeats", type=int, default=3,
+                        help="memory: fresh-process runs per cell; the median is kept")
     parser.add_argument("--workdir", help="where base weights and checkpoints go "
                         "(default: a temporary folder)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
@@ -135,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             plan_m = [c for c in plan_m if c.model in args.models.split(",")]
         if args.sizes:
             plan_m = [c for c in plan_m if str(c.n) in args.sizes.split(",")]
-        section("memory", lambda: memory.run(plan_m, workdir, log), memory.tables)
+        section("memory", lambda: memory.run(plan_m, workdir, log,
+                                             repeats=1 if args.quick else args.memory_repeats),
+                memory.tables)
     if "cache" in sections:
         from bench import cache
 

@@ -4,7 +4,7 @@ An in-process RSS delta depends on what ran before (heap that an earlier run fre
 allocator kept is reused without showing up), so every (model, strategy, N, loop) run here
 gets its own ``python -m bench.memory --child`` process: imports, data, base weights and a
 warm-up step first, then the high-water mark is reset (``/proc/self/clear_refs``) and the run
-is timed against it. Peak = ``VmHWM`` during the run minus the RSS just before it, so the
+is measured against it. Peak = ``VmHWM`` during the run minus the RSS just before it, so the
 training data and the interpreter count for neither loop. Linux only.
 """
 
@@ -87,26 +87,40 @@ def child(cell: MemoryCell, loop: str, workdir: Path) -> dict[str, Any]:
             "cache_mib": result.extra.get("cache_memory_bytes", 0) / MiB}
 
 
-def run(plan: Sequence[MemoryCell], workdir: Path, log: Any = print) -> dict[str, Any]:
-    """Every cell, both loops, each in its own process."""
+def run(plan: Sequence[MemoryCell], workdir: Path, log: Any = print,
+        repeats: int = 3) -> dict[str, Any]:
+    """Every cell, both loops, each run in its own process ``repeats`` times; the row with
+    the median peak is kept (identical runs differ by tens of MiB: allocator timing)."""
     rows = []
     for cell in plan:
         for loop in LOOPS if cell.cache_memory is None else ("zoo",):
             command = [sys.executable, "-m", "bench.memory", "--child", json.dumps(asdict(cell)),
                        "--loop", loop, "--workdir", str(workdir)]
-            done = subprocess.run(command, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                log(f"  {cell} {loop}: failed: {done.stderr.strip().splitlines()[-1:]}")
+            runs = []
+            for _ in range(repeats):
+                done = subprocess.run(command, capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    log(f"  {cell} {loop}: failed: {done.stderr.strip().splitlines()[-1:]}")
+                    break
+                runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            if not runs:
                 continue
-            row = json.loads(done.stdout.strip().splitlines()[-1])
+            runs.sort(key=lambda r: r["peak_mib"])
+            row = {**runs[len(runs) // 2], "peaks_mib": [r["peak_mib"] for r in runs]}
             rows.append(row)
             budget = "" if cell.cache_memory is None else f" budget {cell.cache_memory // MiB}M"
+            peaks = ", ".join(f"{p:.0f}" for p in row["peaks_mib"])
             log(f"  {cell.model:9} {cell.strategy:13} N={cell.n:5} {loop:5}{budget} "
-                f"peak {row['peak_mib']:7.1f} MiB ({row['time_s']:.1f} s)")
-    return {"rows": rows}
+                f"peak {row['peak_mib']:7.1f} MiB (runs {peaks})")
+    return {"rows": rows, "repeats": repeats}
 
 
 def tables(data: dict[str, Any]) -> str:
+    """Peaks of both loops, and zoo's frozen strategies against its full fine-tune.
+
+    The comparison uses heap (anonymous) memory: a cache spilled to a memory-mapped file
+    counts in VmHWM but is page cache the kernel can drop.
+    """
     rows = data["rows"]
     found = {(r["model"], r["strategy"], r["n"], r["loop"]): r for r in rows
              if r.get("cache_memory") is None}
@@ -114,23 +128,26 @@ def tables(data: dict[str, Any]) -> str:
     for row in rows:
         if row["loop"] != "zoo":
             continue
-        key = (row["model"], row["strategy"], row["n"])
-        naive = found.get((*key, "naive"))
+        naive = found.get((row["model"], row["strategy"], row["n"], "naive"))
         full = found.get((row["model"], "full", row["n"], "zoo"))
-        below = "-" if row["strategy"] == "full" or full is None else (
-            "met" if row["peak_mib"] < full["peak_mib"] else "MISSED")
+        heap, full_heap = row.get("peak_anon_mib"), full and full.get("peak_anon_mib")
+        below = "-" if row["strategy"] == "full" or heap is None or full_heap is None else (
+            "met" if heap < full_heap else "MISSED")
         budget = "default" if row.get("cache_memory") is None else \
             f"{row['cache_memory'] // MiB} MiB"
+        spread = row.get("peaks_mib") or [row["peak_mib"]]
         out.append([row["model"], row["strategy"], row["n"], row["epochs"], budget,
                     naive["peak_mib"] if naive else None, row["peak_mib"],
-                    row.get("peak_anon_mib"), row["cache_mib"],
-                    full["peak_mib"] if full else None, below])
+                    f"{min(spread):.0f}-{max(spread):.0f}", heap, row["cache_mib"],
+                    full_heap, below])
     return table(["model", "strategy", "N", "E", "cache budget", "naive MiB", "zoo MiB",
-                  "zoo heap MiB", "cache in RAM", "zoo full MiB", "frozen < full"], out,
+                  "zoo range", "zoo heap MiB", "cache in RAM", "zoo full heap",
+                  "frozen < full"], out,
                  "Peak memory (fresh process per run; VmHWM minus RSS before the run)") + (
+        f"\n  Median of {data.get('repeats', 1)} runs each (zoo range: lowest-highest VmHWM)."
         "\n  The data, the interpreter and the imports are in the baseline, not the peak."
-        "\n  zoo heap: anonymous memory only (sampled at 100 Hz): a memory-mapped spill"
-        "\n  file's pages count in VmHWM but are reclaimable page cache.")
+        "\n  heap: anonymous memory only (sampled at 100 Hz); a memory-mapped spill file's"
+        "\n  pages count in VmHWM but are reclaimable page cache. frozen < full compares heaps.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,7 @@ def test_memory_harness_measures_each_run_in_its_own_process(tmp_path: Path) -> 
     from bench import memory
 
     cell = memory.MemoryCell("resnet18", "linear_probe", 32, 1)
-    data = memory.run([cell], tmp_path, log=lambda line: None)
+    data = memory.run([cell], tmp_path, log=lambda line: None, repeats=1)
     rows = {row["loop"]: row for row in data["rows"]}
     assert set(rows) == {"zoo", "naive"}
     assert all(row["peak_mib"] > 0 and row["baseline_mib"] > 100 for row in rows.values())

