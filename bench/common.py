@@ -4,10 +4,7 @@ and aligned tables."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
-import gc
-import hashlib
 import os
 import platform
 import threading
@@ -22,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import zoo
+from zoo.compare import release_freed_memory as release_memory
+from zoo.weights import file_sha256
 
 MiB = 1024 * 1024
 
@@ -57,13 +56,6 @@ def loadavg() -> float:
 
 
 # --------------------------------------------------------------------------- memory
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS, so RSS deltas compare."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -220,14 +212,6 @@ class LocalBase:
     def group_members(self, model: torch.nn.Module) -> list[tuple[str, tuple[str, ...]]]:
         """(group name, member paths) in order, input to output."""
         return [(g.name, tuple(g.members)) for g in self.backbone.layer_groups(model)]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def local_base(case: ModelCase, workdir: Path, num_classes: int = 10) -> LocalBase:

@@ -35,7 +35,7 @@ from bench.common import (
     local_base,
     table,
 )
-from zoo.features import FeatureStore
+from zoo.features import DEFAULT_CACHE_MEMORY, FeatureStore
 
 STRATEGIES = ("linear_probe", "partial", "full")
 
@@ -127,7 +127,7 @@ def run_zoo(base: LocalBase, cell: Cell, data: Any, *, cache_memory: int | None 
             store: FeatureStore | None = None) -> tuple[LoopResult, torch.nn.Module]:
     """zoo.finetune with a fresh feature store (no reuse from earlier runs)."""
     result = LoopResult()
-    store = store if store is not None else FeatureStore(cache_memory or 2 * 1024**3)
+    store = store if store is not None else FeatureStore(cache_memory or DEFAULT_CACHE_MEMORY)
     with PeakRSS() as rss:
         t0 = time.perf_counter()
         clock = _Clock(t0, cell.report, base, data, result)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from torch import nn
 
 import zoo
 from zoo.plugins import get_plugin_manager
+from zoo.weights import file_sha256
 
 # Plugin objects stay referenced for the whole session: the registry cache is keyed by the
 # ids of the registered plugins, and a freed object's id may be reused by the next one.
@@ -35,8 +35,8 @@ def zoo_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread() -> Iterator[None]:
+@contextlib.contextmanager
+def single_torch_thread() -> Iterator[None]:
     """Run torch single-threaded: the tensors in these tests are tiny, and with two threads
     on a busy two-core machine OpenMP's spinning makes them many times slower."""
     threads = torch.get_num_threads()
@@ -45,6 +45,13 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """``single_torch_thread`` for a whole test module."""
+    with single_torch_thread():
+        yield
 
 
 # --------------------------------------------------------------------------- a tiny backbone
@@ -132,10 +139,6 @@ def tiny(register_backbones: Callable[..., Any]) -> zoo.Backbone:
 
 
 # --------------------------------------------------------------------------- pretrained bases
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ aggregation are checked on hand-made records, with no training.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import types
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from conftest import single_torch_thread
 
 import zoo
 from zoo.compare import (
@@ -53,21 +52,10 @@ def sweep_kwargs(out: Path, counter: CountRuns) -> dict[str, Any]:
                 batch_size=50, quiet=True, callbacks=[counter], val=val)
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Tiny batches run as fast on one thread, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ComparisonResult, Path]]:
     out = tmp_path_factory.mktemp("compare") / "report"
-    with pytest.MonkeyPatch.context() as mp, one_thread():
+    with pytest.MonkeyPatch.context() as mp, single_torch_thread():
         mp.setenv("ZOO_HOME", str(out.parent / "zoo-home"))
         counter = CountRuns()
         result = compare(BACKBONES, STRATEGIES, "digits", **sweep_kwargs(out, counter))
@@ -219,7 +207,7 @@ def test_a_deleted_record_reruns_only_that_run(sweep, tmp_path, monkeypatch):
     monkeypatch.setenv("ZOO_HOME", str(tmp_path / "home"))
     (out / "runs" / run_name("cifar_resnet20", "partial", 0) / "record.json").unlink()
     counter = CountRuns()
-    with one_thread():
+    with single_torch_thread():
         again = compare(BACKBONES, STRATEGIES, "digits", **sweep_kwargs(out, counter))
     assert counter.started == 1
     assert len(again.records) == 6

@@ -14,7 +14,6 @@ after it is rolled forward by the next load or save.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -28,7 +27,9 @@ import torch
 from torch import nn
 
 from zoo.errors import CheckpointError, UnknownNameError, WeightsError, ZooError
+from zoo.weights import file_sha256
 
+CHECKPOINT_KINDS = ("auto", "delta", "full")
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -79,15 +80,6 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """The sha256 hex digest of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- saving
@@ -144,7 +136,7 @@ def save_checkpoint(
     full with a warning. The model must come from ``zoo.create_model``/``zoo.finetune`` (it
     carries its zoo config), or ``config`` must say which backbone it is.
     """
-    if kind not in ("auto", "delta", "full"):
+    if kind not in CHECKPOINT_KINDS:
         raise ZooError(f"checkpoint kind must be 'auto', 'delta' or 'full', got {kind!r}")
     directory = Path(directory)
     config = dict(config or getattr(model, "zoo_config", None) or _config_from_model(model))
@@ -153,7 +145,7 @@ def save_checkpoint(
     exported = strategy.export(model) if strategy is not None else model
     names_base = set(_build_base(config, None, meta=True).state_dict())
     prepared = set(exported.state_dict()) != names_base
-    if kind != "full" and not _base_is_registered(config):
+    if kind != "full" and not base_is_registered(config):
         # Nobody could rebuild a random base or weights that are not a tag of the backbone
         # (a Backbone object's own weights, a local file): only a full checkpoint loads.
         if kind == "delta":
@@ -178,8 +170,9 @@ def save_checkpoint(
     return directory
 
 
-def _base_is_registered(config: Mapping[str, Any]) -> bool:
-    """Whether the config's base weights are a registered tag of its backbone."""
+def base_is_registered(config: Mapping[str, Any]) -> bool:
+    """Whether the config's base weights are a registered tag of its backbone: only then
+    can a delta checkpoint be rebuilt on another machine."""
     from zoo.registry import get_backbone
 
     weights = config.get("weights")

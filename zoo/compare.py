@@ -858,8 +858,6 @@ def run_demo(output_dir: str | os.PathLike[str] = "demo-report", *,
     image_size: dict[str, int] = {DEMO_BACKBONE: config["image_size"]}
     cifar = get_backbone("cifar_resnet20")
     if not quick and cached_path(cifar.get_weights()) is not None:
-        # no linear_probe: its CIFAR-10 head has as many classes as MNIST, so the runner
-        # keeps it, and a probe at this lr cannot unlearn CIFAR's labels in 8 epochs
         strategies[cifar.name] = ("partial", "full")
         image_size[cifar.name] = 32
     val = load_data("mnist5k", "val", limit_per_class=config["val_per_class"])

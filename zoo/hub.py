@@ -234,14 +234,14 @@ def _open_checkpoint(directory: Path, stack: contextlib.ExitStack) -> tuple[dict
 
 def _check_shareable(config: dict[str, Any], directory: Path) -> None:
     """Refuse a delta whose base only exists on this machine: nobody could rebuild it."""
-    from zoo.registry import get_backbone
+    from zoo.checkpoint import base_is_registered
 
-    weights = config.get("weights") or {}
     if config["kind"] != "delta":
         return
-    with contextlib.suppress(ZooError):
-        if weights.get("tag") in {w.tag for w in get_backbone(config["backbone"]).weights}:
+    with contextlib.suppress(ZooError):  # an unknown backbone cannot be rebuilt either
+        if base_is_registered(config):
             return
+    weights = config.get("weights") or {}
     raise CheckpointError(
         f"{directory} is a delta checkpoint whose base weights ({weights.get('tag')!r}) are not "
         f"registered weights of {config['backbone']!r}, so nobody else can rebuild it: push a "

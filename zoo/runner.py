@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from zoo.checkpoint import CHECKPOINT_KINDS
 from zoo.data import BatchTransform, ImageData, load_data
 from zoo.errors import IncompatibleError, ZooError
 from zoo.features import CacheKey, FeatureStore, default_cache_memory, shared_store
@@ -325,7 +326,7 @@ def finetune(
         raise ZooError(f"epochs must be a whole number >= 1, got {epochs!r}")
     if batch_size < 1 or not lr > 0:
         raise ZooError("batch_size must be >= 1 and lr > 0")
-    if checkpoint_kind not in ("auto", "delta", "full"):  # checked now, not after training
+    if checkpoint_kind not in CHECKPOINT_KINDS:  # checked now, not after training
         raise ZooError(f"checkpoint_kind must be 'auto', 'delta' or 'full', "
                        f"got {checkpoint_kind!r}")
     spec = get_backbone(backbone) if isinstance(backbone, str) else backbone
