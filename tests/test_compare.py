@@ -160,8 +160,11 @@ def test_summary_names_a_winner_and_compares_it_with_scratch(sweep):
     assert lines and all(line in text for line in lines)
     for backbone in BACKBONES:
         line = next(x for x in lines if x.startswith(f"`{backbone}`"))
-        assert "won" in line and "points over scratch" in line
-        assert "times faster than scratch" in line or "never reached" in line
+        assert "ranked first" in line and "not significant" in line  # one seed
+        assert "won" not in line and "points over scratch" in line
+        assert "times faster than scratch" in line or "times slower than scratch" in line \
+            or "never reached" in line or "never beat chance" in line
+    assert lines[0].startswith("Chance level")
 
 
 def test_plots_are_valid_pngs(sweep):
@@ -327,3 +330,49 @@ def test_a_scratch_only_backbone_is_a_reference_row(tmp_path):
     assert any(line.startswith("`big` (scratch only") for line in result.summary["lines"])
     assert result.summary["winner"] == {"backbone": "net", "strategy": "full",
                                         "final_accuracy": 80.0}
+
+
+def with_chance(record: dict[str, Any], chance: float) -> dict[str, Any]:
+    return {**record, "chance_accuracy": chance}
+
+
+def test_a_lead_within_the_spread_over_seeds_is_a_tie_listed_cheapest_first(tmp_path):
+    """Issue 13.5: partial "won" when it tied linear probe, which cost a sixth of the time."""
+    records = [fake("net", "scratch", s, [0.3, 0.4]) for s in (0, 1, 2)]
+    records += [fake("net", "partial", s, [0.8, f], step_s=60)
+                for s, f in zip((0, 1, 2), (0.90, 0.88, 0.89), strict=True)]
+    records += [fake("net", "linear_probe", s, [0.8, f], step_s=10)
+                for s, f in zip((0, 1, 2), (0.91, 0.86, 0.87), strict=True)]
+    lines = write_report(records, tmp_path, settings={"seeds": [0, 1, 2]}).summary["lines"]
+    line = next(x for x in lines if x.startswith("`net`"))
+    assert "won" not in line and "tied" in line
+    assert line.index("`linear_probe`") < line.index("`partial`")  # cheapest first
+
+
+def test_a_lead_beyond_the_spread_over_seeds_names_a_winner(tmp_path):
+    records = [fake("net", "scratch", s, [0.3, 0.4]) for s in (0, 1)]
+    records += [fake("net", "full", s, [0.8, 0.90 + 0.01 * s]) for s in (0, 1)]
+    records += [fake("net", "linear_probe", s, [0.7, 0.80 + 0.01 * s]) for s in (0, 1)]
+    lines = write_report(records, tmp_path, settings={"seeds": [0, 1]}).summary["lines"]
+    assert any(x.startswith("`net`: **`full` won**") for x in lines)
+
+
+def test_scratch_below_chance_makes_no_speed_claim(tmp_path):
+    """Issue 13.5: "reached scratch's best N times sooner" means nothing when scratch only
+    ever guessed the commonest class."""
+    records = [with_chance(fake("net", "scratch", 0, [0.5, 0.5]), 0.5),
+               with_chance(fake("net", "full", 0, [0.8, 0.9]), 0.5)]
+    result = write_report(records, tmp_path)
+    text = " ".join(result.summary["lines"])
+    assert "Chance level (always guessing the commonest validation class): 50.0%" in text
+    assert "scratch never beat chance (50.0%" in text and "faster" not in text
+    assert "Chance level" in result.report_path.read_text()
+
+
+def test_a_slower_run_is_called_slower_never_a_fraction_faster(tmp_path):
+    records = [fake("net", "scratch", 0, [0.5, 0.6], step_s=10),
+               fake("net", "full", 0, [0.4, 0.7], step_s=20)]
+    result = write_report(records, tmp_path)
+    line = next(x for x in result.summary["lines"] if x.startswith("`net`"))
+    assert "2.0 times slower than scratch" in line and "faster" not in line
+    assert "2.0x slower" in format_table(result)

@@ -59,7 +59,7 @@ PLOTS = ("accuracy_vs_epoch.png", "accuracy_vs_time.png", "accuracy_vs_trainable
 CSV_FIELDS = (
     "run", "backbone", "strategy", "seed", "baseline", "weights", "epochs", "best_accuracy",
     "final_accuracy", "target_accuracy", "time_to_target_s", "speedup_vs_scratch",
-    "delta_vs_scratch_points", "epoch_time_s", "train_time_s", "wall_time_s",
+    "delta_vs_scratch_points", "chance_accuracy", "epoch_time_s", "train_time_s", "wall_time_s",
     "trainable_params", "total_params", "peak_memory_mb", "peak_memory_abs_mb",
     "memory_kind", "checkpoint_bytes", "stopped_by_budget",
 )
@@ -316,6 +316,7 @@ def _run_one(backbone: str, strategy: str, seed: int, run_dir: Path, settings: d
         "epochs": len(history),
         "best_accuracy": max(accuracies),
         "final_accuracy": accuracies[-1],
+        "chance_accuracy": result.metrics.get("chance_accuracy"),
         "epoch_time_s": statistics.mean(h["epoch_time_s"] for h in history),
         "train_time_s": history[-1]["time_s"],
         "wall_time_s": wall,
@@ -531,6 +532,7 @@ def table_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             ("time_to_target_s", "time_to_target_s", 1, 1),
             ("speedup", "speedup_vs_scratch", 1, 1),
             ("epoch_time_s", "epoch_time_s", 1, 2),
+            ("train_time_s", "train_time_s", 1, 1),
             ("peak_memory_mb", "peak_memory_mb", 1, 0),
             ("peak_memory_abs_mb", "peak_memory_abs_mb", 1, 0),
             ("checkpoint_mb", "checkpoint_bytes", 2**-20, 2),
@@ -539,6 +541,10 @@ def table_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             row[key], row[key + "_std"], count = _stats(values, digits)
             if key == "time_to_target_s":
                 row["reached"] = count
+        finals = [100 * r["final_accuracy"] for r in rs]
+        row["final_accuracy_range"] = round(max(finals) - min(finals), 1)
+        row["chance_accuracy"] = _stats([r.get("chance_accuracy") and 100 * r["chance_accuracy"]
+                                         for r in rs], 1)[0]
         row["target_accuracy"] = _stats([r["target_accuracy"] and 100 * r["target_accuracy"]
                                          for r in rs], 1)[0]
         row["trainable_params"] = max(r["trainable_params"] for r in rs)
@@ -568,7 +574,9 @@ def _cells(row: Mapping[str, Any]) -> list[str]:
         reach = _pm(row["time_to_target_s"], row["time_to_target_s_std"], 1)
         if row["reached"] < row["seeds"]:
             reach += f" ({row['reached']}/{row['seeds']})"
-    speed = "-" if row["speedup"] is None else _pm(row["speedup"], row["speedup_std"], 1) + "x"
+    speed = "-" if row["speedup"] is None else (
+        _pm(row["speedup"], row["speedup_std"], 1) + "x" if row["speedup"] >= 1
+        else f"{1 / row['speedup']:.1f}x slower")
     delta = "baseline" if row["baseline"] else (
         "-" if row["delta_points"] is None else
         ("+" if row["delta_points"] >= 0 else "") + _pm(row["delta_points"],
@@ -600,8 +608,67 @@ def _headers(summary: Mapping[str, Any]) -> list[str]:
     return headers
 
 
+def _speed_phrase(speedup: float, std: float | None) -> str:
+    """'3.0 times faster' or '1.4 times slower': never a factor below one called faster."""
+    if speedup >= 1:
+        return f"{_pm(speedup, std, 1)} times faster"
+    return f"{_pm(1 / speedup, None, 1)} times slower"
+
+
+def _tied_with(top: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
+               ) -> list[Mapping[str, Any]]:
+    """The rows whose final accuracy is within the seed-to-seed spread of ``top``'s.
+
+    The spread of a pair is the larger of their ranges over seeds (max - min); a lead that
+    does not exceed it could be a lucky seed, so such rows are tied with ``top``.
+    """
+    return [r for r in rows if r is top or top["final_accuracy"] - r["final_accuracy"]
+            <= max(top["final_accuracy_range"], r["final_accuracy_range"])]
+
+
+def _ranking_line(backbone: str, mine: Sequence[Mapping[str, Any]],
+                  acc: Any) -> tuple[str, Mapping[str, Any]]:
+    """The sentence that names the winner, the tie, or says one seed cannot rank."""
+    top = mine[0]
+    if top["seeds"] < 2:
+        return (f"`{backbone}`: `{top['strategy']}` ranked first with {acc(top)} final "
+                "accuracy (one seed: the ranking is not significant; run more seeds)"), top
+    tied = _tied_with(top, mine)
+    if len(tied) == 1:
+        return f"`{backbone}`: **`{top['strategy']}` won** with {acc(top)} final accuracy", top
+    cheapest = sorted(tied, key=lambda r: r["train_time_s"] or math.inf)
+    names = ", ".join(f"`{r['strategy']}` ({acc(r)}, {_pm(r['train_time_s'], None, 1)} s)"
+                      for r in cheapest)
+    return (f"`{backbone}`: no clear winner: {names} are tied within the spread over "
+            f"{top['seeds']} seeds (cheapest first)"), cheapest[0]
+
+
+def _versus_scratch(win: Mapping[str, Any], base: Mapping[str, Any], acc: Any) -> str:
+    """The chosen run against scratch: gain in points and how much sooner it got there."""
+    sign = "+" if win["delta_points"] >= 0 else ""
+    text = (f", `{win['strategy']}` is {sign}"
+            f"{_pm(win['delta_points'], win['delta_points_std'], 1)} points over scratch "
+            f"({acc(base)})")
+    chance = base.get("chance_accuracy")
+    if chance is not None and base["best_accuracy"] <= chance:
+        return text + (f"; scratch never beat chance ({chance:.1f}%, always guessing the "
+                       "commonest class), so a time to reach its best means nothing")
+    target = f"{win['target_accuracy']:.1f}%"
+    if win["time_to_target_s"] is None:
+        return text + f"; it never reached scratch's best accuracy ({target})"
+    text += (f"; it reached scratch's best accuracy ({target}) in "
+             f"{_pm(win['time_to_target_s'], win['time_to_target_s_std'], 1)} s")
+    if win["speedup"] is not None:
+        text += (f", {_speed_phrase(win['speedup'], win['speedup_std'])} than scratch "
+                 f"({_pm(base['time_to_target_s'], None, 1)} s)")
+    if win["reached"] < win["seeds"]:
+        text += f" (in {win['reached']} of {win['seeds']} seeds)"
+    return text
+
+
 def summary_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The generated sentences: the winner, its gain over scratch and its speed-up."""
+    """The generated sentences: the winner (only when its lead beats the spread over seeds,
+    else the tie, cheapest first), the chance level, its gain over scratch and its speed."""
     def acc(row: Mapping[str, Any], key: str = "final_accuracy") -> str:
         return _pm(row[key], row[key + "_std"], 1) + "%"
 
@@ -612,11 +679,16 @@ def summary_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     top = rows[0]
     backbones = list(dict.fromkeys(r["backbone"] for r in rows))
     lines = []
+    chance = next((r["chance_accuracy"] for r in rows if r.get("chance_accuracy") is not None),
+                  None)
+    if chance is not None:
+        lines.append(f"Chance level (always guessing the commonest validation class): "
+                     f"{chance:.1f}%.")
     if top["baseline"]:
         lines.append(f"Training `{top['backbone']}` from scratch ranked first "
                      f"({acc(top)} final accuracy): no transfer run beat it.")
     elif len(backbones) > 1:
-        lines.append(f"Best overall: `{top['backbone']}` + `{top['strategy']}`, {acc(top)} "
+        lines.append(f"Highest overall: `{top['backbone']}` + `{top['strategy']}`, {acc(top)} "
                      "final accuracy.")
     for backbone in backbones:
         mine = [r for r in contenders if r["backbone"] == backbone]
@@ -626,23 +698,9 @@ def summary_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
                 lines.append(f"`{backbone}` (scratch only, a reference from random "
                              f"initialisation): {acc(base)} final accuracy.")
             continue
-        win = mine[0]
-        text = f"`{backbone}`: **`{win['strategy']}` won** with {acc(win)} final accuracy"
+        text, chosen = _ranking_line(backbone, mine, acc)
         if base is not None:
-            sign = "+" if win["delta_points"] >= 0 else ""
-            text += (f", {sign}{_pm(win['delta_points'], win['delta_points_std'], 1)} "
-                     f"points over scratch ({acc(base)})")
-            target = f"{win['target_accuracy']:.1f}%"
-            if win["time_to_target_s"] is None:
-                text += f"; it never reached scratch's best accuracy ({target})"
-            else:
-                text += (f"; it reached scratch's best accuracy ({target}) in "
-                         f"{_pm(win['time_to_target_s'], win['time_to_target_s_std'], 1)} s")
-                if win["speedup"] is not None:
-                    text += (f", {_pm(win['speedup'], win['speedup_std'], 1)} times faster "
-                             f"than scratch ({_pm(base['time_to_target_s'], None, 1)} s)")
-                if win["reached"] < win["seeds"]:
-                    text += f" (in {win['reached']} of {win['seeds']} seeds)"
+            text += _versus_scratch(chosen, base, acc)
         lines.append(text + ".")
     return lines
 

@@ -557,6 +557,8 @@ def finetune(
     train_time = elapsed_before + time.perf_counter() - started
     model.eval()
     metrics = _metrics(run.history, train_time, model, plans)
+    if val_data is not None:  # the majority-class rate: what always guessing one class scores
+        metrics["chance_accuracy"] = float(torch.bincount(val_data.targets).max()) / len(val_data)
     if store is not None and cacheable:
         metrics["feature_cache"] = {"hits": store.hits - hits_before,
                                     "misses": store.misses - misses_before}
