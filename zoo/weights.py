@@ -4,19 +4,24 @@ declared source -> download (or cache hit) -> sha256 check -> cache -> key conve
 
 Sources (``Weights.source``):
 
-- ``https://...``, ``http://...``, ``file://...``: a URL, streamed into a temp file in the
-  cache while its sha256 is computed, checked, then moved into place with ``os.replace``.
-  A file that fails the check, or a transfer cut short, leaves nothing in the cache.
+- ``https://...``, ``http://...``, ``file://...``: a URL, streamed into a ``.part`` file in
+  the cache while its sha256 is computed, checked, then moved into place with ``os.replace``.
+  A file that fails the check, a transfer cut short, or one that grows past its limit (the
+  declared ``size_bytes``, else ``$ZOO_MAX_DOWNLOAD_BYTES``, default 8 GiB) leaves nothing
+  in the cache; ``.part`` files of a killed download are swept by the next download.
 - ``hf-hub:<repo>[@revision]``: a timm-style Hub repo (``model.safetensors``, else
   ``pytorch_model.bin``), downloaded through ``zoo.hub``; the endpoint is ``$HF_ENDPOINT``.
 - ``file:<path>``: a local file, used in place.
 - ``package:<distribution>/<path>``: a file shipped inside an installed Python package.
 
 The hash is ``Weights.sha256`` (the full digest, or a prefix of it); without one, a URL's
-file name in the torch.hub style (``resnet18-f37072fd.pth``) supplies the prefix. Every use
-re-checks the file, so a cached file that was changed is noticed (and downloaded afresh).
-The cache is ``$ZOO_HOME/weights`` (default ``~/.cache/zoo/weights``); a cached file is
-used without any network access.
+file name in the torch.hub style (``resnet18-f37072fd.pth``) supplies the prefix. Every file
+zoo caches gets its full sha256 recorded beside it (``<file>.sha256``, in ``sha256sum``
+format) the first time, declared hash or not. Every use re-hashes the file and checks it
+against both the record and the declaration, so a cached file that was changed is never
+used: it is downloaded afresh, or refused when that fails. The cache is
+``$ZOO_HOME/weights`` (default ``~/.cache/zoo/weights``); a cached file is used without any
+network access.
 """
 
 from __future__ import annotations
@@ -28,15 +33,22 @@ import importlib.metadata
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: stale temp files are then left for the user
+    fcntl = None  # type: ignore[assignment]
 
 from zoo.errors import UnknownNameError, WeightsError
 from zoo.spec import Backbone, Weights, resolve_callable
@@ -47,6 +59,12 @@ _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.")  # torch.hub: resnet18-f37072
 _HEX = re.compile(r"[0-9a-f]+")
 _CHUNK = 1024 * 1024
 _TIMEOUT_S = 60.0
+MAX_DOWNLOAD_ENV = "ZOO_MAX_DOWNLOAD_BYTES"
+DEFAULT_MAX_DOWNLOAD_BYTES = 8 * 1024**3  # no weights file zoo knows comes close
+RECORD_SUFFIX = ".sha256"  # the sha256 zoo recorded for a cached file, beside it
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_TEMP_NAME = "[a-z0-9_]{8}"  # the random part tempfile.mkstemp/mkdtemp put in a name
+_HUB_TEMP = re.compile(rf"\.download-{_TEMP_NAME}")
 
 
 def zoo_home() -> Path:
@@ -90,6 +108,9 @@ def _url_cache_path(url: str) -> Path:
     segments = [s for s in urllib.parse.unquote(parts.path).split("/") if s not in ("", ".", "..")]
     if not segments or parts.path.endswith("/"):
         raise WeightsError(f"weights URL {url!r} does not name a file: check the source")
+    if segments[-1].startswith(".") or segments[-1].endswith(RECORD_SUFFIX):
+        raise WeightsError(f"weights URL {url!r} names a file that could clash with zoo's own "
+                           "cache files (a leading '.' or a .sha256 suffix): rename it")
     return weights_dir().joinpath(host, *segments)
 
 
@@ -178,6 +199,136 @@ def cached_path(spec: Weights) -> Path | None:
         return None
 
 
+# --- cache records and limits --------------------------------------------------------------
+
+
+def _record_path(path: Path) -> Path:
+    return path.with_name(path.name + RECORD_SUFFIX)
+
+
+def recorded_sha256(path: str | os.PathLike[str]) -> str | None:
+    """The sha256 zoo recorded when it cached ``path``, or None (no readable record)."""
+    record = _record_path(Path(path))
+    if record.is_symlink() or not record.is_file():
+        return None
+    try:
+        with open(record, "rb") as f:
+            words = f.read(256).split()
+    except OSError:
+        return None
+    digest = words[0].decode("ascii", "replace") if words else ""
+    return digest if _SHA256.fullmatch(digest) else None
+
+
+def record_sha256(path: str | os.PathLike[str], sha256: str) -> None:
+    """Record ``path``'s full sha256 beside it (``sha256sum`` format), atomically."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(f"{sha256}  {path.name}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, _record_path(path))
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def max_download_bytes() -> int:
+    """The most bytes one download of weights without a declared size may take."""
+    raw = os.environ.get(MAX_DOWNLOAD_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_DOWNLOAD_BYTES
+    if not raw.isdigit() or int(raw) <= 0:
+        raise WeightsError(
+            f"{MAX_DOWNLOAD_ENV}={raw[:40]!r} is not a positive number of bytes: set it to "
+            f"e.g. {DEFAULT_MAX_DOWNLOAD_BYTES} or unset it"
+        )
+    return int(raw)
+
+
+def _download_limit(spec: Weights) -> tuple[int, str]:
+    """(most bytes, what set that limit) for downloading ``spec``."""
+    if spec.size_bytes is not None:
+        if not isinstance(spec.size_bytes, int) or spec.size_bytes <= 0:
+            raise WeightsError(f"weights {spec.tag!r} declare size_bytes={spec.size_bytes!r}: "
+                               "fix the declaration (a positive number of bytes)")
+        return spec.size_bytes, f"the declared size_bytes of weights {spec.tag!r}"
+    return max_download_bytes(), f"{MAX_DOWNLOAD_ENV} (raise it if the file is really larger)"
+
+
+# --- temp files a killed download leaves behind --------------------------------------------
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive advisory lock on ``fd`` without waiting; False if someone holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _same_file(path: str | os.PathLike[str], fd: int) -> bool:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def _sweep(folder: Path, pattern: re.Pattern[str], *, directories: bool = False) -> None:
+    """Remove zoo's own temp files (or folders) in ``folder`` whose writer is gone.
+
+    Only names matching ``pattern`` are touched, never through a symlink; a live download
+    holds an advisory lock on its temp file, so only a dead (killed) writer's are removed.
+    """
+    if fcntl is None or not folder.is_dir():
+        return
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_DIRECTORY if directories else 0)
+    for entry in os.scandir(folder):
+        if not pattern.fullmatch(entry.name):
+            continue
+        is_kind = entry.is_dir if directories else entry.is_file
+        if not is_kind(follow_symlinks=False):
+            continue
+        try:
+            fd = os.open(entry.path, flags)
+        except OSError:
+            continue
+        try:
+            if _try_lock(fd) and _same_file(entry.path, fd):
+                if directories:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+        finally:
+            os.close(fd)
+
+
+def _part_pattern(dest: Path) -> re.Pattern[str]:
+    """The names of ``dest``'s download temp files: ``.<name>.<8 random>.part``."""
+    return re.compile(rf"\.{re.escape(dest.name)}\.{_TEMP_NAME}\.part")
+
+
+def _locked(make: Any, folder: Path, prefix: str, suffix: str = "",
+            directory: bool = False) -> tuple[int, Path]:
+    """A new temp file (or folder) from ``make``, opened and locked against ``_sweep``."""
+    while True:
+        made = make(dir=folder, prefix=prefix, suffix=suffix)
+        if directory:
+            path, fd = Path(made), os.open(made, os.O_RDONLY | os.O_DIRECTORY)
+        else:
+            fd, path = made[0], Path(made[1])
+        if fcntl is None:
+            return fd, path
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if _same_file(path, fd):
+            return fd, path
+        os.close(fd)  # swept in the instant before the lock was taken: make another
+
+
 # --- fetching ------------------------------------------------------------------------------
 
 
@@ -207,15 +358,48 @@ def _fetch(spec: Weights, *, force: bool = False) -> tuple[Path, str]:
         return path, actual
 
     cached = None if force else cached_path(spec)
+    problem = None
     if cached is not None:
-        actual = file_sha256(cached)
-        if _matches(expected, actual):
+        actual, problem = _check_cached(cached, expected)
+        if problem is None:
             return cached, actual
-        # A cached copy that no longer matches (changed on disk, or a new hash declared
-        # for the same source) is replaced by a fresh download.
-    if kind == "url":
-        return _download_url(spec.source, _url_cache_path(spec.source), expected)
-    return _download_hub(spec.source, expected)
+        warnings.warn(f"{problem}; fetching it again", stacklevel=3)
+    try:
+        if kind == "url":
+            return _download_url(spec.source, _url_cache_path(spec.source), expected,
+                                 _download_limit(spec))
+        return _download_hub(spec.source, expected, _download_limit(spec))
+    except WeightsError as exc:
+        if problem is None:
+            raise
+        raise WeightsError(
+            f"{problem}, and fetching it again failed ({exc}); it was not used: restore it "
+            "with 'zoo weights import NAME:TAG FILE', or retry with network access"
+        ) from None
+
+
+def _check_cached(path: Path, expected: str | None) -> tuple[str, str | None]:
+    """(sha256 of the cached file, what is wrong with it or None when it may be used).
+
+    A usable file has the sha256 recorded when it was cached and matches the declared
+    hash. A file cached before records existed is recorded now if its declared hash matches.
+    """
+    actual = file_sha256(path)
+    recorded = recorded_sha256(path)
+    if recorded is None and expected is not None and _matches(expected, actual):
+        record_sha256(path, actual)
+        recorded = actual
+    if recorded is None:
+        return actual, (f"cached weights {path} have no sha256 record (zoo did not cache them, "
+                        "or the record was deleted) and no declared hash, so they cannot be "
+                        "trusted")
+    if recorded != actual:
+        return actual, (f"cached weights {path} were changed after zoo cached them (sha256 "
+                        f"{actual[:16]}..., recorded {recorded[:16]}...)")
+    if not _matches(expected, actual):
+        return actual, (f"cached weights {path} do not match the declared sha256 "
+                        f"{expected}... (a new hash was declared for the same source)")
+    return actual, None
 
 
 def _mismatch(source: str, expected: str, actual: str) -> WeightsError:
@@ -226,72 +410,105 @@ def _mismatch(source: str, expected: str, actual: str) -> WeightsError:
     )
 
 
-def _download_url(url: str, dest: Path, expected: str | None) -> tuple[Path, str]:
-    """Stream ``url`` to a temp file beside ``dest``, hashing as it goes; keep it if it checks."""
+def _download_url(url: str, dest: Path, expected: str | None,
+                  limit: tuple[int, str]) -> tuple[Path, str]:
+    """Stream ``url`` to a locked ``.part`` file beside ``dest``, hashing as it goes; keep it
+    (and record its sha256) if it checks. Stale ``.part`` files of killed runs go first."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
+    _sweep(dest.parent, _part_pattern(dest))
+    fd, tmp = _locked(tempfile.mkstemp, dest.parent, f".{dest.name}.", ".part")
     try:
-        digest, size, announced = hashlib.sha256(), 0, None
-        try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT_S) as r:
-                length = r.headers.get("Content-Length")
-                announced = int(length) if length and length.isdigit() else None
-                while chunk := r.read(_CHUNK):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    size += len(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-        except urllib.error.HTTPError as exc:
-            raise WeightsError(
-                f"downloading {url} failed: HTTP {exc.code} {exc.reason}: check the URL "
-                "(or copy the file here and use a file: source)"
-            ) from exc
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-            reason = getattr(exc, "reason", None) or exc
-            raise WeightsError(
-                f"downloading {url} was interrupted after {size} bytes ({reason}); "
-                "nothing was left in the cache: check the network and retry"
-            ) from exc
-        if announced is not None and size != announced:
-            raise WeightsError(
-                f"downloading {url} stopped after {size} of {announced} bytes; nothing was "
-                "left in the cache: check the network and retry"
-            )
-        actual = digest.hexdigest()
-        if not _matches(expected, actual):
-            raise _mismatch(url, expected or "", actual)
-        os.replace(tmp, dest)
+        # The file stays open (and locked) until it is renamed, so no sweep can take it.
+        with os.fdopen(fd, "wb") as out:
+            actual = _stream(url, out, limit)
+            if not _matches(expected, actual):
+                raise _mismatch(url, expected or "", actual)
+            os.replace(tmp, dest)
+        record_sha256(dest, actual)
         return dest, actual
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _download_hub(source: str, expected: str | None) -> tuple[Path, str]:
+def _stream(url: str, out: Any, limit: tuple[int, str]) -> str:
+    """Copy ``url`` into ``out`` (at most ``limit`` bytes, fsynced); return its sha256."""
+    most, why = limit
+    digest, size = hashlib.sha256(), 0
+    try:
+        with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as r:
+            length = r.headers.get("Content-Length")
+            announced = int(length) if length and length.isdigit() else None
+            if announced is not None and announced > most:
+                raise _too_large(url, f"announces {announced} bytes", most, why)
+            while chunk := r.read(min(_CHUNK, most + 1 - size)):
+                size += len(chunk)
+                if size > most:
+                    raise _too_large(url, f"sent more than {most} bytes", most, why)
+                out.write(chunk)
+                digest.update(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+    except urllib.error.HTTPError as exc:
+        raise WeightsError(
+            f"downloading {url} failed: HTTP {exc.code} {exc.reason}: check the URL "
+            "(or copy the file here and use 'zoo weights import')"
+        ) from exc
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise WeightsError(
+            f"downloading {url} was interrupted after {size} bytes ({reason}); "
+            "nothing was left in the cache: check the network and retry"
+        ) from exc
+    if announced is not None and size != announced:
+        raise WeightsError(
+            f"downloading {url} stopped after {size} of {announced} bytes; nothing was "
+            "left in the cache: check the network and retry"
+        )
+    return digest.hexdigest()
+
+
+def _too_large(url: str, detail: str, most: int, why: str) -> WeightsError:
+    return WeightsError(
+        f"downloading {url} stopped: the file is larger than the {most} bytes allowed by "
+        f"{why} (the server {detail}); nothing was left in the cache: check the source"
+    )
+
+
+def _download_hub(source: str, expected: str | None,
+                  limit: tuple[int, str]) -> tuple[Path, str]:
     """Download a timm-style repo's weights into the zoo cache (via a throwaway Hub cache)."""
     from zoo.hub import hub_download
 
     repo, revision = _hub_repo(source)
     folder = _hub_cache_dir(source)
     folder.mkdir(parents=True, exist_ok=True)
+    _sweep(folder, _HUB_TEMP, directories=True)
     failures: list[str] = []
+    fd, tmp = _locked(tempfile.mkdtemp, folder, ".download-", directory=True)
     try:
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
-            for name in HUB_FILES:
-                try:
-                    got = hub_download(repo, name, revision=revision, cache_dir=tmp,
-                                       endpoint=os.environ.get("HF_ENDPOINT") or None)
-                except WeightsError as exc:
-                    failures.append(str(exc))
-                    continue
-                blob = got.resolve()  # the Hub cache links snapshots to blobs
-                actual = file_sha256(blob)
-                if not _matches(expected, actual):
-                    raise _mismatch(f"{source} ({name})", expected or "", actual)
-                os.replace(blob, folder / name)
-                return folder / name, actual
+        for name in HUB_FILES:
+            try:
+                got = hub_download(repo, name, revision=revision, cache_dir=str(tmp),
+                                   endpoint=os.environ.get("HF_ENDPOINT") or None)
+            except WeightsError as exc:
+                failures.append(str(exc))
+                continue
+            blob = got.resolve()  # the Hub cache links snapshots to blobs
+            if not blob.is_relative_to(tmp.resolve()) or not blob.is_file():
+                raise WeightsError(f"{source} ({name}): the Hub client returned a file outside "
+                                   "its download folder; refusing it")
+            if blob.stat().st_size > limit[0]:
+                raise _too_large(f"{source} ({name})", f"sent {blob.stat().st_size} bytes",
+                                 *limit)
+            actual = file_sha256(blob)
+            if not _matches(expected, actual):
+                raise _mismatch(f"{source} ({name})", expected or "", actual)
+            os.replace(blob, folder / name)
+            record_sha256(folder / name, actual)
+            return folder / name, actual
     finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
         with contextlib.suppress(OSError):
             folder.rmdir()  # only succeeds when nothing was cached
     raise WeightsError(f"no weights file in {source}: " + "; ".join(failures))
