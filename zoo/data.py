@@ -8,6 +8,7 @@ expects, on whatever device the batch is on, without a Python loop over samples.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import operator
@@ -231,6 +232,15 @@ def load_data(data: Any, split: str = "train", *, limit_per_class: int | None = 
     ``seed`` (so a smaller n gives a subset of a larger one). ``image_size`` resizes every
     image to (H, W); ``strict`` makes an undecodable file an error instead of a warning;
     ``in_memory`` forces (True) or forbids (False) decoding an ImageFolder up front.
+
+    An ImageFolder is untrusted input. zoo never follows a symbolic link inside it (the
+    folder named may itself be one): a symlinked class, train/, val/ or test/ folder is an
+    error, and deeper links, to files or folders, inside or outside the tree, are ignored
+    with one warning, so every file is read once, in one split, from inside the folder.
+    Only regular files are opened. Pixels keep their meaning whatever the file's mode:
+    16-bit images are scaled from their range, float ones clipped to [0, 1], alpha dropped;
+    a mode with no known range is refused (see ``strict``). A class folder whose name is
+    not UTF-8 gets a class name with those bytes shown as ``\\xNN``.
     """
     if split not in _SPLITS:
         raise ZooError(f"unknown split {split!r}; use one of {', '.join(_SPLITS)}")
@@ -662,7 +672,13 @@ def _open_image(path: Path | str, *, follow: bool) -> Any:
     """Open ``path`` for reading if it is a regular file: a FIFO or device never blocks or
     feeds Pillow, and with ``follow=False`` a symlink (swapped in after a scan) is refused."""
     flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
-    fd = os.open(path, flags)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow:
+            raise ZooError("it is a symbolic link, and zoo never follows links inside a "
+                           "dataset folder") from None
+        raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise ZooError("not a regular file")
@@ -791,16 +807,18 @@ class _FileSource:
 def load_image(path: str | os.PathLike[str], *, image_size: int | tuple[int, int] | None = None,
                channels: int = 3) -> Tensor:
     """Read one image file as a uint8 CHW tensor (RGB, or grey with ``channels=1``), e.g. for
-    ``zoo predict``; ``image_size`` resizes it to (H, W)."""
+    ``zoo predict``; ``image_size`` resizes it to (H, W). Pixels are converted as in an
+    ImageFolder (see ``load_data``): a mode with no known range raises ZooError."""
     if channels not in (1, 3):
         raise ZooError(f"channels must be 1 or 3; got {channels}")
     if not Path(path).is_file():
-        raise ZooError(f"no such image file: {path}")
+        raise ZooError(f"no such image file: {_shown(path)}")
     size = _as_size(image_size)
     try:
         return _decode(path, channels == 1, size)
     except Exception as exc:
         raise ZooError(f"cannot decode image {_shown(path)}: {_one_line(exc)}") from None
+
 
 # --------------------------------------------------------------------------- torch Datasets
 
@@ -843,7 +861,7 @@ def _as_chw(image: Any) -> Tensor:
             raise ZooError(f"dataset images must be CHW tensors or PIL images; got "
                            f"{type(image).__name__}")
         try:
-            image = _to_8bit(image, image.mode in _GREY_MODES)
+            image = _to_8bit(image, image.mode in _GREY_MODES, _declared_bits(image))
         except ZooError as exc:
             raise ZooError(f"cannot use a PIL image from the dataset: {exc}") from None
         image = torch.from_numpy(np.array(image, dtype=np.uint8))
