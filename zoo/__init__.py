@@ -32,6 +32,7 @@ _LAZY = {
     "layer_groups": "zoo.models",
     "transforms_for": "zoo.models",
     "load_weights": "zoo.weights",
+    "import_weights": "zoo.weights",
     "finetune": "zoo.runner",
     "evaluate": "zoo.runner",
     "FinetuneResult": "zoo.runner",

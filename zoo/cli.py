@@ -235,6 +235,52 @@ def cmd_weights_download(args: argparse.Namespace) -> None:
     print(f"{args.name}: {path}")
 
 
+def cmd_weights_import(args: argparse.Namespace) -> None:
+    from zoo.weights import import_weights
+
+    path = import_weights(args.name, args.file, force=args.force)
+    print(f"imported {args.file} as {args.name}: {path}")
+
+
+def cmd_weights_list(args: argparse.Namespace) -> None:
+    from zoo.weights import list_weights
+
+    rows = list_weights(args.name)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        print("no weights registered" + (f" for {args.name}" if args.name else ""))
+        return
+    table = [("backbone", "tag", "source", "size", "sha256", "cached")]
+    for r in rows:
+        sha = r["recorded_sha256"] or r["sha256"]
+        table.append((r["backbone"], r["tag"] + (" *" if r["default"] else ""), r["source"],
+                      _size(r["size_bytes"]), (sha[:16] + "...") if sha else "-",
+                      "yes" if r["cached"] else "no"))
+    print(_table(table))
+
+
+def cmd_weights_verify(args: argparse.Namespace) -> None:
+    from zoo.errors import WeightsError
+    from zoo.weights import verify_cache, weights_dir
+
+    rows = verify_cache()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['status']:10}  {r['path']}")
+        print(f"{len(rows)} cached weights files in {weights_dir()}")
+    bad = [r for r in rows if r["status"] != "ok"]
+    if bad:
+        raise WeightsError(
+            f"{len(bad)} of {len(rows)} cached weights files do not match the sha256 recorded "
+            "when they were cached (listed above): delete them, then download or "
+            "'zoo weights import' them again"
+        )
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     from zoo.compare import compare, format_table
 
@@ -360,6 +406,22 @@ def build_parser() -> Parser:
     w = wsub.add_parser("download", help="pre-fetch weights into the cache")
     w.add_argument("name", metavar="NAME[:TAG]")
     w.set_defaults(func=cmd_weights_download)
+    w = wsub.add_parser("import", help="put a weights file fetched elsewhere into the cache "
+                        "(for machines without internet)")
+    w.add_argument("name", metavar="NAME[:TAG]",
+                   help="backbone and tag (default: the tag whose sha256 the file has)")
+    w.add_argument("file", help="the weights file, e.g. resnet50-11ad3fa6.pth")
+    w.add_argument("--force", action="store_true",
+                   help="accept a file for weights whose sha256 the registry does not declare "
+                   "(its sha256 is recorded and checked from then on)")
+    w.set_defaults(func=cmd_weights_import)
+    w = wsub.add_parser("list", help="registered weights: source, size, sha256, cached or not")
+    w.add_argument("name", nargs="?", metavar="NAME", help="one backbone (default: all listed)")
+    w.add_argument("--json", action="store_true", help="machine-readable, full sha256")
+    w.set_defaults(func=cmd_weights_list)
+    w = wsub.add_parser("verify", help="re-hash every cached weights file against its record")
+    w.add_argument("--json", action="store_true", help="machine-readable output")
+    w.set_defaults(func=cmd_weights_verify)
 
     p = sub.add_parser("compare", help="strategies x backbones versus training from scratch")
     p.add_argument("--backbones", nargs="+", required=True)

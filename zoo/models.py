@@ -181,10 +181,14 @@ def transforms_for(name: str | Backbone, weights: str | Weights | None = "defaul
     backbone = get_backbone(name) if isinstance(name, str) else name
     if weights is None or (weights == "default" and backbone.default_weights is None):
         return BatchTransform(backbone.input_size, backbone.mean, backbone.std, augment=augment)
-    if isinstance(weights, str | os.PathLike) and Path(weights).suffix:
-        return BatchTransform(backbone.input_size, backbone.mean, backbone.std, augment=augment)
-    from zoo.weights import weights_spec
+    from zoo.weights import registered_for_path, weights_spec
 
+    if isinstance(weights, str | os.PathLike) and Path(weights).suffix:
+        # A file: the preprocessing of the registered weights it holds (by sha256), if any.
+        weights = registered_for_path(backbone, weights)  # type: ignore[assignment]
+        if weights is None:
+            return BatchTransform(backbone.input_size, backbone.mean, backbone.std,
+                                  augment=augment)
     spec = weights_spec(backbone, weights)
     crop = spec.input_size[-1] / spec.resize_size if spec.resize_size else 1.0
     return BatchTransform(spec.input_size, spec.mean, spec.std, augment=augment,

@@ -21,12 +21,14 @@ format) the first time, declared hash or not. Every use re-hashes the file and c
 against both the record and the declaration, so a cached file that was changed is never
 used: it is downloaded afresh, or refused when that fails. The cache is
 ``$ZOO_HOME/weights`` (default ``~/.cache/zoo/weights``); a cached file is used without any
-network access.
+network access. ``import_weights`` (``zoo weights import``) puts a file carried in by hand
+where a download would have put it, after checking its sha256 and that it fits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import http.client
 import importlib.metadata
@@ -518,19 +520,34 @@ def _download_hub(source: str, expected: str | None,
 
 
 def weights_spec(backbone: Backbone, weights: str | os.PathLike[str] | Weights) -> Weights:
-    """The ``Weights`` meant by ``weights``: a spec, a tag, "default", or a local file's path.
+    """The ``Weights`` meant by ``weights``: a spec, a tag, "default", or a local file.
 
-    A local file becomes ``Weights(tag=<its absolute path>, source="file:<path>")`` with the
-    backbone's preprocessing and ``num_classes`` read from the file's head weight.
+    A file (a path, ``file:PATH`` or ``file:///PATH``) whose sha256 is one of the backbone's
+    registered weights is that tag: it is imported into the cache (see ``import_weights``)
+    and gets the tag's converter and preprocessing. Any other file becomes
+    ``Weights(tag=<its absolute path>, source="file:<path>")`` with the backbone's
+    preprocessing, the first of the backbone's converters that makes it fit (if it needs
+    one), and ``num_classes`` read from its head weight.
     """
     if isinstance(weights, Weights):
         return weights
     tags = [w.tag for w in backbone.weights]
     if isinstance(weights, str) and (weights == "default" or weights in tags):
         return backbone.get_weights(weights)
-    path = Path(weights).expanduser()
-    if isinstance(weights, os.PathLike) or path.is_file() or "/" in str(weights) or path.suffix:
-        return _local_spec(backbone, path)
+    path = user_path(weights)
+    if path is not None:
+        if not path.is_file():
+            raise WeightsError(f"no weights file at {path}: check the path")
+        sha256 = _path_sha256(path)
+        registered = _registered_match(backbone, sha256)
+        if registered is None:
+            return _local_spec(backbone, path, sha256)
+        if _kind(registered.source) in ("file", "package"):
+            return dataclasses.replace(registered, source=f"file:{path}")
+        cached = cached_path(registered)
+        if cached is None or recorded_sha256(cached) != sha256:
+            _import_file(backbone, registered, path)
+        return registered
     raise UnknownNameError.for_name(
         "weights tag", str(weights), tags,
         context=f" for backbone {backbone.name!r} (it has: {', '.join(tags) or 'none'}; "
@@ -538,32 +555,109 @@ def weights_spec(backbone: Backbone, weights: str | os.PathLike[str] | Weights) 
     )
 
 
-def _local_spec(backbone: Backbone, path: Path) -> Weights:
-    path = path.expanduser().absolute()
-    if not path.is_file():
-        raise WeightsError(f"no weights file at {path}: check the path")
-    state = _as_state_dict(_read(path), f"file:{path}")
+def user_path(weights: str | os.PathLike[str]) -> Path | None:
+    """The local file ``weights`` names (a path, ``file:PATH``, ``file:///PATH``), else None.
+
+    A bare word without a ``/`` or a suffix is not a path (it is meant as a tag).
+    """
+    if isinstance(weights, os.PathLike):
+        return Path(weights).expanduser().absolute()
+    text = str(weights)
+    if text.startswith("file://"):
+        parts = urllib.parse.urlsplit(text)
+        if parts.netloc not in ("", "localhost"):
+            raise WeightsError(f"{text!r} names the host {parts.netloc!r}: a file: URL must be "
+                               "local (file:///absolute/path or file:relative/path)")
+        return Path(urllib.request.url2pathname(parts.path)).absolute()
+    if text.startswith("file:"):
+        return _local_file(text)
+    path = Path(text).expanduser()
+    if path.is_file() or "/" in text or os.sep in text or path.suffix:
+        return path.absolute()
+    return None
+
+
+_SHA_MEMO: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def _path_sha256(path: Path) -> str:
+    """``file_sha256`` of a file the user named, remembered while the file is unchanged."""
+    st = path.stat()
+    key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        if len(_SHA_MEMO) > 64:
+            _SHA_MEMO.clear()
+        _SHA_MEMO[key] = file_sha256(path)
+    return _SHA_MEMO[key]
+
+
+def _registered_match(backbone: Backbone, sha256: str) -> Weights | None:
+    """The backbone's registered weights whose declared sha256 (or, where none is declared,
+    the sha256 recorded for its cached copy) is ``sha256``; None if there are none."""
+    for w in backbone.weights:
+        try:
+            expected = expected_sha256(w)
+        except WeightsError:
+            continue
+        if expected is not None:
+            if sha256.startswith(expected):
+                return w
+        elif _kind(w.source) in ("url", "hf-hub"):
+            cached = cached_path(w)
+            if cached is not None and recorded_sha256(cached) == sha256:
+                return w
+    return None
+
+
+def registered_for_path(backbone: Backbone, weights: str | os.PathLike[str]) -> Weights | None:
+    """The registered weights a local file holds (matched by sha256), else None; imports
+    nothing. Lets preprocessing follow a file given by path."""
+    path = user_path(weights)
+    if path is None or not path.is_file():
+        return None
+    return _registered_match(backbone, _path_sha256(path))
+
+
+def _local_spec(backbone: Backbone, path: Path, sha256: str) -> Weights:
+    """The spec of a file that is none of the backbone's registered weights."""
+    obj = _read(path)
     head = f"{backbone.head}.weight"
-    if head not in state:
-        sample = ", ".join(list(state)[:3])
-        raise WeightsError(
-            f"{path} has no tensor {head!r} for backbone {backbone.name!r} (its keys look "
-            f"like {sample}): save the model's state_dict(), or declare Weights with a convert"
-        )
-    return Weights(
-        tag=str(path),
-        source=f"file:{path}",
-        num_classes=int(state[head].shape[0]),
-        input_size=backbone.input_size,
-        mean=backbone.mean,
-        std=backbone.std,
+    plain = None
+    with contextlib.suppress(WeightsError):
+        plain = _as_state_dict(obj, f"file:{path}")
+    candidates: list[tuple[Any, Any]] = [(None, plain)]
+    for convert in dict.fromkeys(w.convert for w in backbone.weights if w.convert is not None):
+        try:
+            candidates.append((convert, resolve_callable(convert)(obj)))
+        except Exception:  # a registered converter that does not understand this file
+            continue
+    for convert, state in candidates:
+        if _is_tensor_map(state) and head in state:
+            return Weights(
+                tag=str(path), source=f"file:{path}", sha256=sha256,
+                num_classes=int(state[head].shape[0]), input_size=backbone.input_size,
+                mean=backbone.mean, std=backbone.std, convert=convert,
+            )
+    keys = list(plain or (obj if isinstance(obj, Mapping) else {}))
+    registered = ", ".join(f"{w.tag} ({(expected_sha256(w) or 'no sha256')[:12]})"
+                           for w in backbone.weights) or "none"
+    raise WeightsError(
+        f"{path} does not fit backbone {backbone.name!r}: it has no tensor {head!r}, not even "
+        f"after the backbone's converters (its keys look like {', '.join(map(str, keys[:3]))}), "
+        f"and its sha256 {sha256[:12]}... is none of the registered weights ({registered}). "
+        f"If it holds one of those, import it: zoo weights import {backbone.name}:TAG {path} "
+        "(--force where no sha256 is declared); else save the model's state_dict(), or "
+        "declare Weights with a convert"
     )
 
 
-def _read(path: Path) -> Any:
-    """What a weights file holds: safetensors, or a pickle loaded with ``weights_only=True``."""
+def _read(path: Path, name: str | None = None) -> Any:
+    """What a weights file holds: safetensors, or a pickle loaded with ``weights_only=True``.
+
+    The format follows the suffix of ``name`` (default: the file's own name).
+    """
     try:
-        if path.suffix == ".safetensors":
+        if Path(name or path.name).suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(path, device="cpu")
@@ -601,12 +695,11 @@ def _as_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
     )
 
 
-def load_state_dict(backbone: Backbone, spec: Weights) -> tuple[dict[str, torch.Tensor], str]:
-    """Fetch ``spec``'s file, load it, convert its keys; return (state dict, file's sha256)."""
-    path, sha256 = _fetch(spec)
-    obj = _read(path)
+def _converted(backbone: Backbone, spec: Weights, obj: Any, path: Path
+               ) -> dict[str, torch.Tensor]:
+    """``obj`` (a loaded weights file) as a state dict, through ``spec.convert`` if any."""
     if spec.convert is None:
-        return _as_state_dict(obj, spec.source), sha256
+        return _as_state_dict(obj, spec.source)
     try:
         state = resolve_callable(spec.convert)(obj)
     except (ValueError, KeyError) as exc:
@@ -619,7 +712,13 @@ def load_state_dict(backbone: Backbone, spec: Weights) -> tuple[dict[str, torch.
             f"weights {spec.tag!r} of {backbone.name!r}: convert {spec.convert!r} must return "
             "a dict of name -> tensor"
         )
-    return dict(state), sha256
+    return dict(state)
+
+
+def load_state_dict(backbone: Backbone, spec: Weights) -> tuple[dict[str, torch.Tensor], str]:
+    """Fetch ``spec``'s file, load it, convert its keys; return (state dict, file's sha256)."""
+    path, sha256 = _fetch(spec)
+    return _converted(backbone, spec, _read(path), path), sha256
 
 
 def load_weights(name: str | Backbone,
@@ -631,26 +730,186 @@ def load_weights(name: str | Backbone,
     return load_state_dict(backbone, weights_spec(backbone, weights))[0]
 
 
+# --- importing a file carried in by hand ---------------------------------------------------
+
+
+def import_weights(name: str | Backbone, file: str | os.PathLike[str], tag: str | None = None,
+                   *, force: bool = False) -> Path:
+    """Put a weights file fetched elsewhere into the cache, exactly where a download of the
+    tag would go, so that ``weights="TAG"`` (and delta checkpoints on it) work offline.
+
+    ``name`` may be ``"NAME:TAG"``; without a tag, the registered weights with the file's
+    sha256 are meant, else the default ones. The file's sha256 must match the registered
+    one; ``force`` records it where the registry declares none. Its tensors must fit the
+    backbone after the tag's converter. Returns the cached file's path.
+    """
+    from zoo.registry import get_backbone
+
+    if isinstance(name, str) and tag is None and ":" in name:
+        name, _, tag = name.rpartition(":")
+    backbone = get_backbone(name) if isinstance(name, str) else name
+    path = user_path(file)
+    if path is None or not path.is_file():
+        raise WeightsError(f"no weights file at {file}: check the path")
+    if not backbone.weights:
+        raise WeightsError(f"backbone {backbone.name!r} registers no weights to import into: "
+                           "pass the file as weights=PATH instead")
+    if tag is None:
+        spec = _registered_match(backbone, _path_sha256(path)) or backbone.get_weights()
+    else:
+        spec = backbone.get_weights(tag)
+    return _import_file(backbone, spec, path, force=force)
+
+
+def _import_file(backbone: Backbone, spec: Weights, path: Path, *, force: bool = False) -> Path:
+    """Copy ``path`` into ``spec``'s cache place if its sha256 checks and it fits."""
+    kind = _kind(spec.source)
+    if kind in ("file", "package"):
+        raise WeightsError(
+            f"weights {spec.tag!r} of {backbone.name!r} are read in place from {spec.source}, "
+            "not cached: there is nothing to import (pass the file as weights=PATH instead)"
+        )
+    expected = expected_sha256(spec)
+    if expected is None and not force:
+        raise WeightsError(
+            f"the registry declares no sha256 for weights {spec.tag!r} of {backbone.name!r}, so "
+            f"zoo cannot tell whether {path} holds them: check the file, then import it with "
+            "--force (force=True) to record its sha256"
+        )
+    if kind == "url":
+        dest = _url_cache_path(spec.source)
+    else:
+        dest = _hub_cache_dir(spec.source) / HUB_FILES[0 if path.suffix == ".safetensors" else 1]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(dest.parent, _part_pattern(dest))
+    fd, tmp = _locked(tempfile.mkstemp, dest.parent, f".{dest.name}.", ".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            actual = _copy(path, out, _download_limit(spec))
+            if not _matches(expected, actual):
+                raise WeightsError(
+                    f"{path} is not weights {spec.tag!r} of {backbone.name!r}: its sha256 is "
+                    f"{actual}, the registry declares {_shown(expected)}; nothing was imported: "
+                    "check that you carried in the right file"
+                )
+            _check_fits(backbone, spec, _converted(backbone, spec, _read(tmp, dest.name), path),
+                        path)
+            os.replace(tmp, dest)
+        record_sha256(dest, actual)
+        return dest
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _shown(expected: str | None) -> str:
+    return f"{expected}..." if expected and len(expected) < 64 else str(expected)
+
+
+def _copy(path: Path, out: Any, limit: tuple[int, str]) -> str:
+    """Copy ``path`` into ``out`` (at most ``limit`` bytes, fsynced); return its sha256."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            size += len(chunk)
+            if size > limit[0]:
+                raise WeightsError(f"{path} is larger than the {limit[0]} bytes allowed by "
+                                   f"{limit[1]}; nothing was imported: check the file")
+            out.write(chunk)
+            digest.update(chunk)
+    out.flush()
+    os.fsync(out.fileno())
+    return digest.hexdigest()
+
+
+def _check_fits(backbone: Backbone, spec: Weights, state: dict[str, torch.Tensor],
+                path: Path) -> None:
+    """Refuse ``state`` unless it loads into the backbone built for ``spec`` as
+    ``create_model`` loads it (built on the meta device; a builder that cannot be is skipped)."""
+    try:
+        with torch.device("meta"):
+            model = backbone.build(spec.num_classes)
+    except Exception:
+        return
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # shapes that differ
+        problem = " ".join(str(exc).split())[:300]
+    else:
+        if not missing and not unexpected:
+            return
+        problem = (f"{len(missing)} missing tensors (e.g. {missing[:2]}), {len(unexpected)} "
+                   f"unexpected (e.g. {unexpected[:2]})")
+    raise WeightsError(
+        f"{path} does not fit backbone {backbone.name!r} as weights {spec.tag!r}: {problem}; "
+        "nothing was imported: check the file and the tag"
+    )
+
+
 # --- for the CLI ---------------------------------------------------------------------------
 
 
 def describe(backbone: Backbone) -> list[dict[str, Any]]:
-    """One row per declared weights, for ``zoo info``: source, size if known, cached or not."""
+    """One row per declared weights, for ``zoo info`` and ``zoo weights list``: source, size
+    if known, declared sha256, whether (and where) it is cached, and the recorded sha256."""
     rows = []
     for w in backbone.weights:
         local = cached_path(w)
         size = w.size_bytes if w.size_bytes is not None else (
             local.stat().st_size if local is not None else None)
+        try:
+            declared = expected_sha256(w)
+        except WeightsError:
+            declared = None
         rows.append({
             "tag": w.tag,
             "default": w.tag == backbone.default_weights,
             "source": w.source,
             "size_bytes": size,
+            "sha256": declared,
             "cached": local is not None,
+            "path": str(local) if local is not None else None,
+            "recorded_sha256": recorded_sha256(local) if local is not None else None,
             "num_classes": w.num_classes,
             "input_size": w.input_size,
             "license": w.license,
         })
+    return rows
+
+
+def list_weights(name: str | None = None) -> list[dict[str, Any]]:
+    """``describe`` rows (with a ``backbone`` key) for one backbone, or every listed one."""
+    from zoo.registry import get_backbone, list_backbones
+
+    rows = []
+    for backbone in [name] if name else list_backbones():
+        spec = get_backbone(backbone)
+        rows += [{"backbone": spec.name, **row} for row in describe(spec)]
+    return rows
+
+
+def verify_cache() -> list[dict[str, Any]]:
+    """Re-hash every file in the weights cache against the sha256 recorded when it was cached.
+
+    One row per file: ``path``, ``sha256``, ``recorded`` and ``status``: "ok", "changed",
+    "unrecorded" (no record), or "symlink" (zoo never makes links, and never follows one).
+    """
+    rows: list[dict[str, Any]] = []
+    root = weights_dir()
+    for folder, dirs, files in os.walk(root):  # never descends into a linked folder
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # temp folders
+        for name in sorted(files):
+            path = Path(folder, name)
+            if name.startswith(".") or name.endswith(RECORD_SUFFIX):
+                continue
+            if path.is_symlink():
+                rows.append({"path": str(path), "sha256": None, "recorded": None,
+                             "status": "symlink"})
+                continue
+            actual, recorded = file_sha256(path), recorded_sha256(path)
+            status = "ok" if actual == recorded else "unrecorded" if recorded is None \
+                else "changed"
+            rows.append({"path": str(path), "sha256": actual, "recorded": recorded,
+                         "status": status})
     return rows
 
 
