@@ -213,6 +213,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from zoo.data import load_image
     from zoo.runner import transform_from_config
 
+    if args.top_k < 1:
+        raise UsageError(f"--top-k must be 1 or more, got {args.top_k}")
     model = _load_model(args.checkpoint)
     config = model.zoo_config
     transform = transform_from_config(config["preprocessing"])

@@ -27,7 +27,6 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from zoo.checkpoint import CHECKPOINT_KINDS
 from zoo.data import BatchTransform, ImageData, load_data
 from zoo.errors import IncompatibleError, ZooError
 from zoo.features import CacheKey, FeatureStore, default_cache_memory, shared_store
@@ -41,6 +40,7 @@ from zoo.models import (
 from zoo.registry import get_backbone
 from zoo.spec import Backbone, LayerGroup, Stage, resolve_callable
 from zoo.strategies import FreezeStrategy, Plan, make_strategy, selects
+from zoo.validate import check_arguments
 
 RESUME_FILE = "resume.pt"
 
@@ -214,7 +214,20 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``device`` as a torch.device; None means CUDA when available, else CPU."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ZooError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    backends = {"cpu": None, "cuda": torch.cuda, "mps": torch.mps}
+    if dev.type not in backends:
+        raise ZooError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or mps")
+    backend = backends[dev.type]
+    count = 1 if backend is None else backend.device_count()
+    if (dev.index or 0) >= count:
+        found = f"{count} {dev.type} device(s)" if count else f"no {dev.type} device"
+        raise ZooError(f"device {str(dev)!r} does not exist here ({found} found); "
+                       "use cpu or an existing device")
+    return dev
 
 
 def _distributed() -> tuple[int, int]:
@@ -322,13 +335,7 @@ def finetune(
     ``builder_kwargs={"image_size": 64}``). Returns the model, its per-epoch history and
     metrics, and the checkpoint.
     """
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ZooError(f"epochs must be a whole number >= 1, got {epochs!r}")
-    if batch_size < 1 or not lr > 0:
-        raise ZooError("batch_size must be >= 1 and lr > 0")
-    if checkpoint_kind not in CHECKPOINT_KINDS:  # checked now, not after training
-        raise ZooError(f"checkpoint_kind must be 'auto', 'delta' or 'full', "
-                       f"got {checkpoint_kind!r}")
+    check_arguments(locals())  # every argument, before anything is built or loaded
     spec = get_backbone(backbone) if isinstance(backbone, str) else backbone
     strat = (make_strategy(strategy, strategy_options) if isinstance(strategy, str)
              else strategy)
@@ -522,10 +529,7 @@ def finetune(
                 progress.update(1)
             progress.close()
             train_loss = float(loss_sum) / max(seen, 1)
-            if not math.isfinite(train_loss):
-                where = f"; the last good state is in {out}" if out and epoch > 0 else ""
-                raise ZooError(f"training loss became {train_loss} in epoch {epoch + 1}{where}; "
-                               "lower the learning rate (--lr) and resume or start again")
+            _check_finite(model, epoch, {"training loss": train_loss}, out, lr, weights=False)
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "train_loss": train_loss,
@@ -541,6 +545,7 @@ def finetune(
             record["trainable_params"] = count_parameters(model, trainable_only=True)
             record["epoch_time_s"] = time.perf_counter() - epoch_start
             record["time_s"] = elapsed_before + time.perf_counter() - started
+            _check_finite(model, epoch, {"validation loss": record.get("val_loss", 0.0)}, out, lr)
             run.history.append(record)
             if out is not None and rank == 0:
                 _save_resume(out, run, epoch, config)
@@ -567,6 +572,8 @@ def finetune(
     if out is not None and rank == 0:
         from zoo.checkpoint import save_checkpoint
 
+        _check_finite(model, len(run.history) - 1, {}, out, lr)  # never save nan weights
+
         checkpoint = save_checkpoint(model, out, kind=checkpoint_kind, metrics=metrics,
                                      strategy=strat, history=run.history)
     if world > 1:
@@ -577,6 +584,35 @@ def finetune(
     for cb in callbacks:
         cb.on_train_end(run, result)
     return result
+
+
+def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity (one device sync)."""
+    floats = [(name, t) for name, t in tensors.items() if t.is_floating_point() and t.numel()]
+    if not floats:
+        return []
+    flags = torch.stack([torch.isfinite(t).all() for _, t in floats]).tolist()
+    return [name for (name, _), ok in zip(floats, flags, strict=True) if not ok]
+
+
+def _check_finite(model: nn.Module, epoch: int, losses: Mapping[str, float], out: Path | None,
+                  lr: float, weights: bool = True) -> None:
+    """Stop a diverged run before it saves anything: a loss or weight that is NaN or inf.
+
+    The message names the epoch (1-based) and the last good resume state, if one was saved.
+    """
+    problem = next((f"{what} became {value}" for what, value in losses.items()
+                    if not math.isfinite(value)), None)
+    if problem is None and weights:
+        bad = non_finite_tensors(model.state_dict())
+        if bad:
+            problem = f"the weights became nan/inf ({len(bad)} tensors, e.g. {bad[0]!r})"
+    if problem is None:
+        return
+    where = (f"; the last good state is in {out / RESUME_FILE} (after epoch {epoch})"
+             if out is not None and epoch > 0 else "")
+    raise ZooError(f"{problem} in epoch {epoch + 1}{where}; lower the learning rate "
+                   f"(--lr, now {lr:g}) and start again")
 
 
 def _validation_data(train: Any, val: Any, seed: int, strict: bool) -> ImageData | None:
@@ -733,24 +769,63 @@ def _save_resume(out: Path, run: Run, epoch: int, config: dict[str, Any]) -> Non
     _atomic_torch_save(state, out / RESUME_FILE)
 
 
+# What a resume state holds, and the keys the runner reads from each history record.
+_RESUME_FIELDS = {"epoch": int, "model": dict, "optimizer": dict, "rng": torch.Tensor,
+                  "history": list, "config": dict}
+_RECORD_KEYS = ("epoch", "train_loss", "train_accuracy", "trainable_params", "epoch_time_s",
+                "time_s")
+
+
+def _read_resume(path: Path) -> dict[str, Any]:
+    """Load and check a resume state; a damaged, foreign or diverged file is a ZooError."""
+    fix = "delete it to start again, or resume another run's folder"
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # torch.load raises many types for a damaged or foreign file
+        raise ZooError(f"{path} is corrupt or not a zoo resume state "
+                       f"({type(exc).__name__}); {fix}") from None
+    if not isinstance(state, dict) or any(
+        not isinstance(state.get(key), kind) or isinstance(state.get(key), bool)
+        for key, kind in _RESUME_FIELDS.items()
+    ) or state["epoch"] < 0 or not all(
+        isinstance(r, dict) and all(k in r for k in _RECORD_KEYS) for r in state["history"]
+    ) or not all(isinstance(t, torch.Tensor) for t in state["model"].values()):
+        raise ZooError(f"{path} is not a zoo resume state (missing or wrong fields); {fix}")
+    bad = non_finite_tensors(state["model"])
+    if bad:
+        raise ZooError(f"{path} holds nan/inf weights ({len(bad)} tensors, e.g. {bad[0]!r}); "
+                       f"{fix}")
+    return state
+
+
 def _restore(directory: Path, run: Run, config: dict[str, Any]) -> int:
     path = directory / RESUME_FILE
     if not path.is_file():
         raise ZooError(f"nothing to resume in {directory}: no {RESUME_FILE} (a run with "
                        "output_dir writes one after every epoch)")
-    state = torch.load(path, weights_only=True, map_location="cpu")
+    state = _read_resume(path)
     saved = state["config"]
     mine = {k: config[k] for k in ("backbone", "num_classes", "strategy")}
     if saved != mine:
         raise ZooError(f"{path} belongs to a different run ({saved}); resume it with the "
                        "same backbone, strategy and options")
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    if run.scheduler is not None and state["scheduler"] is not None:
-        run.scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
+    own, saved_model = run.model.state_dict(), state["model"]
+    misfits = sorted(set(own) ^ set(saved_model)) + [
+        k for k in own if k in saved_model and own[k].shape != saved_model[k].shape]
+    try:
+        if misfits:
+            raise ValueError(f"tensors {misfits[:3]} are missing, unknown or of another shape")
+        run.model.load_state_dict(saved_model)
+        run.optimizer.load_state_dict(state["optimizer"])
+        if run.scheduler is not None and state.get("scheduler") is not None:
+            run.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        reason = exc if isinstance(exc, ValueError) and misfits else type(exc).__name__
+        raise ZooError(f"{path} does not fit this run ({reason}); delete it to start "
+                       "again") from None
     run.history[:] = state["history"]
-    return int(state["epoch"]) + 1
+    return state["epoch"] + 1
 
 
 # --------------------------------------------------------------------------- evaluate

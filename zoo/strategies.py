@@ -97,9 +97,15 @@ class FreezeStrategy:
 def make_strategy(name: str | Strategy, options: Mapping[str, Any] | None = None
                   ) -> FreezeStrategy:
     """Instantiate a registered strategy with ``options``; unknown or bad options are refused."""
+    from zoo.validate import is_plain
+
     spec = get_strategy(name) if isinstance(name, str) else name
     factory = resolve_callable(spec.factory)
     options = dict(options or {})
+    bad = [k for k, v in options.items() if not is_plain(v)]
+    if bad:
+        raise IncompatibleError(f"strategy {spec.name!r}: option {bad[0]}={options[bad[0]]!r:.60} "
+                                "must be a string, a finite number, or a list of them")
     params = inspect.signature(factory).parameters
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     unknown = [k for k in options if k not in params and not accepts_any]
@@ -192,7 +198,9 @@ def plan(backbone: str | Backbone, strategy: str, options: Mapping[str, Any] | N
     The model is built on the meta device, so this is cheap even for large backbones.
     """
     from zoo.models import assign_groups
+    from zoo.validate import check_arguments
 
+    check_arguments({"num_classes": num_classes, "lr": lr})
     spec = get_backbone(backbone) if isinstance(backbone, str) else backbone
     strat = make_strategy(strategy, options)
     with torch.device("meta"):

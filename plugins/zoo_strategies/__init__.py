@@ -31,7 +31,7 @@ STRATEGIES = (
                  "only biases (and the head) train; BN statistics frozen"),
     zoo.Strategy("lora", "zoo_strategies.lora:LoRA",
                  "low-rank adapters on Linear/Conv layers; base weights frozen",
-                 options={"rank": "adapter rank (default 4)",
+                 options={"rank": "adapter rank, 1 to 1024 (default 4)",
                           "alpha": "scaling numerator, delta = B@A * alpha/rank (default rank)",
                           "targets": "module types to adapt: linear, conv (default both)",
                           "groups": "groups to adapt (default all but head)",

@@ -18,6 +18,9 @@ import zoo
 from zoo.strategies import FreezeStrategy, GroupPlan, Plan
 
 _TARGETS = {"linear": (nn.Linear,), "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
+# Adapters cost rank * (fan_in + fan_out) numbers per layer; a rank from an untrusted
+# checkpoint must not be able to allocate gigabytes (typical ranks are 4 to 64).
+MAX_RANK = 1024
 
 
 class LowRankDelta(nn.Module):
@@ -42,8 +45,8 @@ class LoRA(FreezeStrategy):
     def __init__(self, rank: int = 4, alpha: float | None = None,
                  targets: Sequence[str] | str = ("linear", "conv"),
                  groups: Sequence[str] | str | None = None, merge: bool = False) -> None:
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise ValueError(f"rank must be a whole number >= 1, got {rank!r}")
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_RANK:
+            raise ValueError(f"rank must be a whole number from 1 to {MAX_RANK}, got {rank!r}")
         targets = [targets] if isinstance(targets, str) else list(targets)
         unknown = [t for t in targets if t not in _TARGETS]
         if unknown or not targets:
