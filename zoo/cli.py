@@ -304,10 +304,23 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, quick=args.quick)  # prints its table, summary and report path
 
 
+def _hub_token(value: str | None) -> str | None:
+    """``--token``: '-' reads the token from stdin (a token in the command line shows in the
+    process list); None leaves HF_TOKEN or the hf login to huggingface_hub."""
+    if value != "-":
+        return value
+    token = sys.stdin.readline().strip()
+    if not token:
+        raise UsageError("--token - reads the token from stdin, but stdin was empty: pipe it "
+                         "in, e.g. zoo pull REPO --token - < ~/.hf-token")
+    return token
+
+
 def cmd_push(args: argparse.Namespace) -> None:
     from zoo.hub import push_to_hub
 
-    url = push_to_hub(args.directory, args.repo_id, token=args.token, endpoint=args.endpoint,
+    url = push_to_hub(args.directory, args.repo_id, token=_hub_token(args.token),
+                      endpoint=args.endpoint,
                       private=args.private, revision=args.revision,
                       commit_message=args.message, create_pr=args.create_pr)
     print(f"pushed {args.directory} to {args.repo_id}: {url}")
@@ -316,7 +329,7 @@ def cmd_push(args: argparse.Namespace) -> None:
 def cmd_pull(args: argparse.Namespace) -> None:
     from zoo.hub import pull_from_hub
 
-    path = pull_from_hub(args.repo_id, revision=args.revision, token=args.token,
+    path = pull_from_hub(args.repo_id, revision=args.revision, token=_hub_token(args.token),
                          endpoint=args.endpoint)
     print(path)
 
@@ -444,7 +457,10 @@ def build_parser() -> Parser:
     def hub_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--revision")
         p.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
-        p.add_argument("--token", help="Hub token (default: HF_TOKEN or your hf login)")
+        p.add_argument("--token", metavar="TOKEN|-",
+                       help="Hub token; '-' reads it from stdin, which keeps it out of the "
+                       "process list that other users can see (default: HF_TOKEN or your hf "
+                       "login)")
 
     p = sub.add_parser("push", help="upload a checkpoint directory to a Hub repo")
     p.add_argument("directory")

@@ -606,6 +606,7 @@ class _Handler(BaseHTTPRequestHandler):
         if sha is None:
             raise _revision_not_found(rev)
         commit = repo["commits"][sha]
+        lies = self.server.hub._answer_lies("commit", "file_name")
         with_blobs = self.query.get("blobs", [""])[0].lower() in ("1", "true")
         siblings = []
         for path, entry in sorted(commit["files"].items()):
@@ -618,11 +619,13 @@ class _Handler(BaseHTTPRequestHandler):
                     lfs["sha256"] = lfs.pop("oid")
                     sibling["lfs"] = lfs
             siblings.append(sibling)
+        if "file_name" in lies:
+            siblings.append({"rfilename": lies["file_name"]})
         info = {
             "_id": repo_id,
             "id": repo_id,
             "author": repo_id.split("/")[0],
-            "sha": sha,
+            "sha": lies.get("commit", sha),
             "private": repo["private"],
             "gated": repo["gated"],
             "disabled": False,
@@ -848,15 +851,14 @@ class _Handler(BaseHTTPRequestHandler):
         if repo["gated"] and not self._authorized():
             raise HubError(401, "Access to this repo is restricted", "GatedRepo")
         sha, path = self._split_revision(repo, segments, need_rest=True)
+        lies = self.server.hub._answer_lies("etag", "commit")
         entry = repo["commits"][sha]["files"].get(path)
-        if entry is None:
-            raise _entry_not_found(path, sha)
-        blob = self.server.hub.store.blob_path(entry.get("blob", entry["sha256"]))
-        if not blob.is_file():
-            raise _entry_not_found(path, sha)
+        blob = entry and self.server.hub.store.blob_path(entry.get("blob", entry["sha256"]))
+        if entry is None or not blob.is_file():
+            raise _entry_not_found(path, lies.get("commit", sha))
         size = blob.stat().st_size
-        etag = f'"{entry["sha256"] if entry["lfs"] else entry["git_sha1"]}"'
-        headers = {"X-Repo-Commit": sha, "ETag": etag, "Accept-Ranges": "bytes"}
+        etag = lies.get("etag") or f'"{entry["sha256"] if entry["lfs"] else entry["git_sha1"]}"'
+        headers = {"X-Repo-Commit": lies.get("commit", sha), "ETag": etag, "Accept-Ranges": "bytes"}
         if entry["lfs"]:
             headers.update({"X-Linked-Etag": etag, "X-Linked-Size": str(size)})
         start, end, status = 0, size - 1, 200
@@ -906,7 +908,7 @@ class _Handler(BaseHTTPRequestHandler):
         if base and not found_files and not dirs:
             raise _entry_not_found(base, sha)
         entries = found_files + [_dir_json(d, files) for d in dirs]
-        self._send_json(sorted(entries, key=lambda e: e["path"]))
+        self._send_json(self._with_lying_entry(sorted(entries, key=lambda e: e["path"])))
 
     def _paths_info(self, repo_type: str, repo_id: str, rev: str) -> None:
         form = parse_qs(self._body().decode())
@@ -922,7 +924,13 @@ class _Handler(BaseHTTPRequestHandler):
                 answer.append(_file_json(path, files[path]))
             elif any(p.startswith(path + "/") for p in files):
                 answer.append(_dir_json(path, files))
-        self._send_json(answer)
+        self._send_json(self._with_lying_entry(answer))
+
+    def _with_lying_entry(self, entries: list[dict]) -> list[dict]:
+        """``entries`` plus, in hostile mode, a copy of the first file under the hostile name."""
+        name = self.server.hub._answer_lies("file_name").get("file_name")
+        files = [e for e in entries if e["type"] == "file"]
+        return entries + [{**files[0], "path": name}] if name and files else entries
 
     def _refs(self, repo_type: str, repo_id: str) -> None:
         repo = self._read_repo(repo_type, repo_id)
@@ -1048,6 +1056,7 @@ class HubServer:
     visible with it, and a wrong token is refused everywhere; if None, anyone may do anything.
     ``upload_mode``: "regular" (every file inline in the commit; works with xet installed) or
     "lfs" (large and weight files through git-LFS; needs ``HF_HUB_DISABLE_XET=1`` in the client).
+    :meth:`tamper` and :meth:`set_hostile` make it behave like a compromised Hub, for tests.
     Use as a context manager, or call :meth:`start` / :meth:`stop` (or :meth:`serve_forever`).
     """
 
@@ -1073,6 +1082,8 @@ class HubServer:
         self.requests: list[tuple[str, str]] = []
         self._record_requests = record_requests
         self._uploads: dict[str, tuple] = {}
+        self._lies: dict[str, str] = {}
+        self._honest_answers = 0
         self._connections: set[socket.socket] = set()
         self._state_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -1140,6 +1151,27 @@ class HubServer:
                 entry["blob"] = blob
             self.store.save(repo)
 
+    def set_hostile(
+        self,
+        *,
+        etag: str | None = None,
+        commit: str | None = None,
+        file_name: str | None = None,
+        honest_answers: int = 0,
+    ) -> None:
+        """Answer like a malicious Hub from now on; with no lie given, answer honestly again.
+
+        ``etag`` is sent verbatim as every file's ``ETag`` / ``X-Linked-Etag`` (the client
+        names cache blobs after it), ``commit`` as the commit id (``X-Repo-Commit``, repo info
+        ``sha``), and ``file_name`` is added to every tree listing, paths-info answer and
+        ``siblings``. The first ``honest_answers`` answers that would lie are honest instead:
+        a server that changes its story between a client's checks and its download.
+        """
+        lies = {"etag": etag, "commit": commit, "file_name": file_name}
+        with self._state_lock:
+            self._lies = {kind: lie for kind, lie in lies.items() if lie is not None}
+            self._honest_answers = honest_answers
+
     def repo_state(self, repo_id: str, *, repo_type: str = "model") -> dict:
         """A copy of the stored repo (commits with their files and operations, branches, tags)."""
         repo = self.store.load(repo_type, repo_id)
@@ -1153,6 +1185,15 @@ class HubServer:
         if self._record_requests:
             with self._state_lock:
                 self.requests.append((method, path))
+
+    def _answer_lies(self, *kinds: str) -> dict[str, str]:
+        """The lies (kind -> value) to tell in one answer about ``kinds``; {} when honest."""
+        with self._state_lock:
+            lies = {kind: self._lies[kind] for kind in kinds if kind in self._lies}
+            if lies and self._honest_answers > 0:
+                self._honest_answers -= 1
+                return {}
+            return lies
 
     def _track(self, conn: socket.socket, add: bool) -> None:
         with self._state_lock:
