@@ -47,6 +47,7 @@ CARD_REPO_PLACEHOLDER = "hf-hub:<namespace>/<name>"
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_DRIVE = re.compile(r"[A-Za-z]:")  # a path segment Windows reads as a drive
 _ETAG = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # a git blob sha1 or an LFS sha256
 # user:pass@ in a URL (greedy up to the host: a password may hold a raw '@').
 _URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s]*@")
@@ -226,12 +227,13 @@ def _split_repo(repo_id: str, revision: str | None) -> tuple[str, str | None]:
 
 def _unsafe_name(path: Any) -> bool:
     """Whether ``path`` could leave the folder it is joined to: absolute, '..', '.', empty
-    segments, a backslash, a drive colon or a control character."""
+    segments, a backslash, a drive (``C:``; any ':' on Windows) or a control character."""
     if not isinstance(path, str):
         return True
     parts = path.split("/")
-    return (path.startswith("/") or "\\" in path or ":" in path or not path.isprintable()
-            or any(part in ("", ".", "..") for part in parts))
+    return (path.startswith("/") or "\\" in path or not path.isprintable()
+            or (":" in path and os.name == "nt")
+            or any(part in ("", ".", "..") or _DRIVE.match(part) for part in parts))
 
 
 def _check_revision(revision: str | None, error: type[ZooError] = HubError) -> None:
