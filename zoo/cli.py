@@ -175,6 +175,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         seed=args.seed, augment=args.augment, limit_per_class=args.limit_per_class,
         cache=not args.no_cache, checkpoint_kind=args.checkpoint, resume=args.resume,
         quiet=args.quiet, image_size=args.image_size, strict=args.strict,
+        overwrite=args.overwrite,
     )
     for record in result.history:
         val = f", val accuracy {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""
@@ -391,7 +392,10 @@ def build_parser() -> Parser:
     p.add_argument("--val", help="validation data (default: the dataset's val split)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="strategy option")
     p.add_argument("--weights", default="default", help="weights tag, path, or 'none'")
-    p.add_argument("--out", help="checkpoint directory")
+    p.add_argument("--out", help="checkpoint directory (new, empty, or a zoo checkpoint with "
+                   "--overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the zoo checkpoint already in --out")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted run")
     p.add_argument("--checkpoint", choices=("auto", "delta", "full"), default="auto",
                    help="auto: a delta when the base weights are registered, else full")

@@ -297,6 +297,7 @@ def _run_one(backbone: str, strategy: str, seed: int, run_dir: Path, settings: d
     started = time.perf_counter()
     with PeakMemory(resolve_device(kwargs.get("device"))) as memory:
         result = finetune(backbone, strategy, train, val, seed=seed, output_dir=run_dir,
+                          overwrite=True,  # a run folder of this sweep: rerun replaces it
                           callbacks=callbacks, feature_store=FeatureStore(), **kwargs)
     wall = time.perf_counter() - started
     history = _history(result.history)
@@ -385,7 +386,7 @@ def compare(
     if val is None and not isinstance(train, str | os.PathLike):
         raise ZooError("compare needs validation data: pass val (a named dataset or folder "
                        "brings its own split)")
-    taken = {"seed", "output_dir", "feature_store", "resume"} & set(finetune_kwargs)
+    taken = {"seed", "output_dir", "overwrite", "feature_store", "resume"} & set(finetune_kwargs)
     if taken:
         raise ZooError(f"compare sets {', '.join(sorted(taken))} itself; leave it out")
     from zoo.registry import get_strategy

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import os
 import re
 import threading
@@ -447,36 +446,17 @@ def _open_checkpoint(directory: Path, stack: contextlib.ExitStack) -> tuple[dict
                                                                          dict[str, Any]]:
     """Open the checkpoint's files and validate them; return (config, name -> open file).
 
-    Files are opened once and uploaded from these handles, so a save that replaces them
-    meanwhile cannot mix an old config with new weights.
+    Files are opened once, together (``zoo.checkpoint.open_checkpoint``), and uploaded from
+    these handles, so a save that replaces them meanwhile cannot mix an old config with new
+    weights. Only the checkpoint files config.json lists go up, and never through a symbolic
+    link out of the folder (a ``history.json`` linked to a credentials file is refused).
     """
-    from zoo.checkpoint import CHECKPOINT_FILES, CONFIG_FILE, MODEL_FILE, STAGING, recover
-    from zoo.validate import validate_config
+    from zoo.checkpoint import CHECKPOINT_FILES, CONFIG_FILE, MODEL_FILE, open_checkpoint
 
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    if (directory / STAGING / "COMPLETE").is_file():
-        recover(directory)  # finish a completed save that was interrupted while moving files
-    for name in (CONFIG_FILE, MODEL_FILE):
-        if not (directory / name).is_file():
-            raise CheckpointError(f"{directory} is not a zoo checkpoint: it has no {name}")
-    handles = {name: stack.enter_context((directory / name).open("rb"))
-               for name in CHECKPOINT_FILES if (directory / name).is_file()}
-    path = directory / CONFIG_FILE
-    try:
-        config = json.loads(handles[CONFIG_FILE].read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint is corrupt: {path} is not valid JSON ({exc})") from None
-    validate_config(config, path)
-    expected = (config.get("files") or {}).get(MODEL_FILE)
-    if not expected:
-        raise CheckpointError(f"{path} records no sha256 for {MODEL_FILE}: re-save the "
-                              "checkpoint with this version of zoo")
-    if _digests(handles[MODEL_FILE])[0] != expected:
-        raise CheckpointError(f"checkpoint is corrupt: {directory / MODEL_FILE} does not match "
-                              "the sha256 recorded in config.json (modified or partly written)")
-    for handle in handles.values():
-        handle.seek(0)
+    config, handles = stack.enter_context(open_checkpoint(directory, CHECKPOINT_FILES))
+    if not (config.get("files") or {}).get(MODEL_FILE):
+        raise CheckpointError(f"{directory / CONFIG_FILE} records no sha256 for {MODEL_FILE}: "
+                              "re-save the checkpoint with this version of zoo")
     return config, handles
 
 

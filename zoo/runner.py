@@ -316,6 +316,7 @@ def finetune(
     builder_kwargs: Mapping[str, Any] | None = None,
     image_size: int | None = None,
     keep_head: bool = False,
+    overwrite: bool = False,
 ) -> FinetuneResult:
     """Fine-tune ``backbone`` with ``strategy`` on ``train``; evaluate on ``val`` each epoch.
 
@@ -332,11 +333,17 @@ def finetune(
     ``keep_head=True`` (same classes as the weights). ``strict=True`` refuses image files
     that do not decode (by default they are skipped and counted). ``image_size`` overrides
     the input resolution (e.g. 64 for a quick run; a ViT also needs
-    ``builder_kwargs={"image_size": 64}``). Returns the model, its per-epoch history and
-    metrics, and the checkpoint.
+    ``builder_kwargs={"image_size": 64}``). ``output_dir`` must be new, empty, the run being
+    resumed, or (with ``overwrite=True``) an earlier zoo checkpoint: checked before training.
+    Returns the model, its per-epoch history and metrics, and the checkpoint.
     """
     check_arguments(locals())  # every argument, before anything is built or loaded
     spec = get_backbone(backbone) if isinstance(backbone, str) else backbone
+    if output_dir is not None:  # before any training: where the checkpoint goes, what it holds
+        from zoo.checkpoint import check_checkpoint_kwargs, check_output_dir
+
+        check_output_dir(output_dir, overwrite=overwrite, resume=resume)
+        check_checkpoint_kwargs(spec, builder_kwargs or {}, f"cannot save to {output_dir}")
     strat = (make_strategy(strategy, strategy_options) if isinstance(strategy, str)
              else strategy)
     rank, world = _distributed()
@@ -756,7 +763,9 @@ def _run_config(spec: Backbone, strat: FreezeStrategy, base_info: Any, classes: 
 
 
 def _save_resume(out: Path, run: Run, epoch: int, config: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    from zoo.checkpoint import claim_output_dir
+
+    claim_output_dir(out)  # marks the folder as a zoo run, for check_output_dir
     state = {
         "epoch": epoch,
         "model": run.model.state_dict(),

@@ -144,6 +144,10 @@ class Backbone:
     model's forward pass by groups (see ``Stage``), which lets a frozen prefix be cached.
     ``export_config(config)`` (optional) returns extra ``config.json`` keys that let other
     tools load a full checkpoint without zoo (e.g. timm's Hub loader).
+    ``checkpoint_kwargs`` names the builder keyword arguments that a checkpoint's
+    ``config.json`` (``builder_kwargs``) may pass when it is loaded: checkpoints come from
+    strangers, so list only arguments that change sizes or regularisation (``image_size``,
+    ``drop_rate``), never ones that name files or code; any other key is refused.
     """
 
     name: str
@@ -162,10 +166,14 @@ class Backbone:
     builder_kwargs: Mapping[str, Any] = field(default_factory=dict)
     stages: Callable[[torch.nn.Module], Sequence[Stage]] | str | None = None
     export_config: Callable[[dict[str, Any]], dict[str, Any]] | str | None = None
+    checkpoint_kwargs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", tuple(self.weights))
         object.__setattr__(self, "aliases", tuple(self.aliases))
+        if isinstance(self.checkpoint_kwargs, str):
+            object.__setattr__(self, "checkpoint_kwargs", (self.checkpoint_kwargs,))
+        object.__setattr__(self, "checkpoint_kwargs", tuple(self.checkpoint_kwargs))
         if not callable(self.groups) and not isinstance(self.groups, str):
             object.__setattr__(self, "groups", tuple(self.groups))
             names = [g.name for g in self.groups]

@@ -229,6 +229,11 @@ def _weights_from_cfg(cfg: Any) -> zoo.Weights | None:
     )
 
 
+# timm.create_model arguments a checkpoint may pass (sizes and dropout; never a file path such
+# as checkpoint_path or pretrained_cfg_overlay's file).
+CHECKPOINT_KWARGS = ("img_size", "drop_rate", "drop_path_rate")
+
+
 def resolve(name: str) -> zoo.Backbone | None:
     """The zoo backbone for ``timm/<architecture>``, or None if timm has no such model."""
     timm = _require_timm()
@@ -258,6 +263,7 @@ def resolve(name: str) -> zoo.Backbone | None:
         description=f"timm {arch}",
         stages=stages,
         export_config=export_config,
+        checkpoint_kwargs=CHECKPOINT_KWARGS,
     )
 
 

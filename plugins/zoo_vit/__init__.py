@@ -106,5 +106,6 @@ def register_backbones(register: Callable[[zoo.Backbone], None]) -> None:
             input_size=(3, image_size, image_size),
             description=description,
             builder_kwargs={"image_size": image_size},
+            checkpoint_kwargs=("image_size",),
             stages="zoo_vit.model:stages",
         ))
