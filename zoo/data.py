@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import operator
 import os
 import stat
@@ -18,7 +19,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -35,12 +36,15 @@ from zoo.errors import UnknownNameError, ZooError
 __all__ = [
     "BatchTransform",
     "DatasetInfo",
+    "Geometry",
     "IMAGE_EXTENSIONS",
     "ImageData",
     "MEMORY_BUDGET",
     "list_datasets",
     "load_data",
     "load_image",
+    "prepare_inputs",
+    "resize_crop",
     "transform_for",
 ]
 
@@ -101,21 +105,28 @@ def list_datasets() -> list[DatasetInfo]:
 
 
 class _Source(Protocol):
-    """Where a lazy ImageData reads its images from (picklable, for DataLoader workers)."""
+    """Where a lazy ImageData reads its original images from (picklable, for DataLoader
+    workers): files or a torch Dataset, each image at its own size."""
 
-    image_shape: tuple[int, int, int]
-    dtype: torch.dtype
+    eager: bool  # whether all its images may be read up front (a Dataset may change)
 
     def load(self, i: int) -> Tensor: ...
 
     def identity(self, indices: Sequence[int]) -> bytes | None: ...
+
+    def refusal(self, indices: Sequence[int]) -> str | None: ...
+
+
+_UNSET: Any = object()
 
 
 class ImageData(Dataset):
     """Labelled images of one fixed size: ``(uint8 or float32 CHW tensor, int label)`` pairs.
 
     ``tensors`` is ``(images, targets)`` when everything is in memory (the runner then
-    slices batches directly) and None when images are decoded as they are read.
+    slices batches directly) and None when images are decoded as they are read. Data read
+    from files or a torch Dataset remembers its originals, so :meth:`at` can fit each one
+    to a model's input geometry without resampling an image twice.
     """
 
     def __init__(self, images: Tensor, targets: Tensor, classes: Sequence[str], *,
@@ -123,36 +134,41 @@ class ImageData(Dataset):
         if images.ndim != 4 or len(images) != len(targets):
             raise ZooError(f"ImageData needs N x C x H x W images and N targets; got images "
                            f"{tuple(images.shape)} and {len(targets)} targets")
-        self._images: Tensor | None = images
-        self._source: _Source | None = None
-        self._index: Tensor | None = None
+        if images.is_floating_point():
+            _check_unit_range(images, "float images")
+        self._setup(images, None, None, None, targets, classes, tuple(images.shape[1:]),
+                    images.dtype, name, split, skipped)
+
+    def _setup(self, images: Tensor | None, origin: _Source | None, index: Tensor | None,
+               geometry: Geometry | None, targets: Tensor, classes: Sequence[str],
+               shape: tuple[int, ...], dtype: torch.dtype, name: str, split: str,
+               skipped: Sequence[str]) -> None:
+        self._images = images
+        self._origin = origin
+        self._index = index.to(torch.int64) if index is not None else None
+        self._geometry = geometry
         self.targets = targets.to(torch.int64)
         self.classes = list(classes)
         self.name = name
         self.split = split
         self.skipped = list(skipped)
-        self.image_shape: tuple[int, int, int] = tuple(images.shape[1:])  # type: ignore[assignment]
-        self.dtype = images.dtype
-        self.tensors: tuple[Tensor, Tensor] | None = (images, self.targets)
+        self.image_shape: tuple[int, int, int] = tuple(shape)  # type: ignore[assignment]
+        self.dtype = dtype
+        self.tensors: tuple[Tensor, Tensor] | None = (
+            (images, self.targets) if images is not None else None)
         self._fingerprint: str | None = None
+        self._refusal: Any = _UNSET
 
     @classmethod
-    def _lazy(cls, source: _Source, index: Tensor, targets: Tensor, classes: Sequence[str], *,
-              name: str, split: str = "", skipped: Sequence[str] = ()) -> ImageData:
-        """An ImageData that reads image ``index[i]`` of ``source`` when item i is asked for."""
+    def _from_origin(cls, origin: _Source, index: Tensor, targets: Tensor,
+                     classes: Sequence[str], *, shape: tuple[int, ...], dtype: torch.dtype,
+                     geometry: Geometry | None = None, images: Tensor | None = None,
+                     name: str, split: str = "", skipped: Sequence[str] = ()) -> ImageData:
+        """Data whose item i is original ``index[i]`` of ``origin`` (held in ``images`` when
+        already decoded), fitted to ``geometry`` if given."""
         data = cls.__new__(cls)
-        data._images = None
-        data._source = source
-        data._index = index.to(torch.int64)
-        data.targets = targets.to(torch.int64)
-        data.classes = list(classes)
-        data.name = name
-        data.split = split
-        data.skipped = list(skipped)
-        data.image_shape = source.image_shape
-        data.dtype = source.dtype
-        data.tensors = None
-        data._fingerprint = None
+        data._setup(images, origin, index, geometry, targets, classes, shape, dtype, name,
+                    split, skipped)
         return data
 
     @property
@@ -160,14 +176,31 @@ class ImageData(Dataset):
         """How many classes the labels index into."""
         return len(self.classes)
 
+    @property
+    def geometry(self) -> Geometry | None:
+        """The geometry every image was fitted to (see :meth:`at`), or None if none was."""
+        return self._geometry
+
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         if self._images is not None:
             return self._images[i], int(self.targets[i])
-        assert self._source is not None and self._index is not None
-        return self._source.load(int(self._index[i])), int(self.targets[i])
+        assert self._origin is not None and self._index is not None
+        return self._conform(self._origin.load(int(self._index[i]))), int(self.targets[i])
+
+    def _conform(self, image: Tensor) -> Tensor:
+        """An original image at this data's geometry (or size), channels and dtype."""
+        if self._geometry is not None:
+            image = resize_crop(image, self._geometry)
+        elif tuple(image.shape[1:]) != self.image_shape[1:]:  # a Dataset's odd one out
+            image = resize_crop(image, Geometry(self.image_shape[1:]))  # type: ignore[arg-type]
+        image = _match_channels(image, self.image_shape[0])
+        if image.dtype != self.dtype:
+            image = (_to_float(image) if self.dtype == torch.float32
+                     else (image * 255).round().clamp(0, 255).to(torch.uint8))
+        return image
 
     def __repr__(self) -> str:
         where = "in memory" if self.tensors is not None else "lazy"
@@ -181,38 +214,99 @@ class ImageData(Dataset):
         return self._relabelled(index, self.targets[index], self.classes)
 
     def _relabelled(self, index: Tensor, targets: Tensor, classes: Sequence[str]) -> ImageData:
-        if self._images is not None:
-            return ImageData(self._images[index], targets, classes, name=self.name,
-                             split=self.split, skipped=self.skipped)
-        assert self._source is not None and self._index is not None
-        return ImageData._lazy(self._source, self._index[index], targets, classes,
-                               name=self.name, split=self.split, skipped=self.skipped)
+        data = ImageData.__new__(ImageData)
+        data._setup(self._images[index] if self._images is not None else None, self._origin,
+                    self._index[index] if self._index is not None else None, self._geometry,
+                    targets, classes, self.image_shape, self.dtype, self.name, self.split,
+                    self.skipped)
+        return data
+
+    def at(self, geometry: Geometry) -> ImageData:
+        """This data with every image fitted to ``geometry`` by :func:`resize_crop`, from the
+        original files or Dataset items when there are some, so no image is resampled twice.
+
+        Files are decoded into memory when the fitted images fit ``MEMORY_BUDGET``; a torch
+        Dataset stays lazy (it may change between reads).
+        """
+        if self._geometry == geometry:
+            return self
+        shape = (self.image_shape[0], *geometry.size)
+        if self._origin is None:  # plain tensors: fit them in chunks
+            assert self._images is not None
+            images = torch.cat([resize_crop(chunk, geometry)
+                                for chunk in self._images.split(256)])
+            return ImageData._from_origin(  # type: ignore[arg-type]
+                None, None, self.targets, self.classes, shape=shape, dtype=self.dtype,
+                geometry=geometry, images=images, name=self.name, split=self.split,
+                skipped=self.skipped)
+        lazy = ImageData._from_origin(self._origin, self._index, self.targets, self.classes,
+                                      shape=shape, dtype=self.dtype, geometry=geometry,
+                                      name=self.name, split=self.split, skipped=self.skipped)
+        size = len(self) * math.prod(shape) * (1 if self.dtype == torch.uint8 else 4)
+        if not self._origin.eager or size > MEMORY_BUDGET or not len(self):
+            return lazy
+        images = torch.empty((len(self), *shape), dtype=self.dtype)
+        workers = 1 if getattr(self._origin, "cache", None) else min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for i, (image, _) in enumerate(pool.map(lazy.__getitem__, range(len(self)))):
+                images[i] = image
+        lazy._images, lazy.tensors = images, (images, lazy.targets)
+        return lazy
+
+    def cache_refusal(self) -> str | None:
+        """None when every read of an item gives the same image, so features computed from
+        it may be cached: zoo's own folders, tensors and built-in sets, or a torch Dataset
+        that declares ``deterministic = True``. Otherwise why not, as one phrase."""
+        if self._origin is None or self._index is None:
+            return None
+        if self._refusal is _UNSET:
+            self._refusal = self._origin.refusal(self._index.tolist())
+        return self._refusal
 
     def fingerprint(self) -> str:
         """A sha256 hex digest of the content: image bytes (or, when lazy, file paths, sizes
-        and mtimes), labels and class names; computed once and cached."""
+        and mtimes, and the geometry they are fitted to), labels and class names; computed
+        once and cached."""
         if self._fingerprint is None:
             digest = hashlib.sha256()
             header = {"classes": self.classes, "shape": list(self.image_shape),
-                      "dtype": str(self.dtype), "n": len(self)}
+                      "dtype": str(self.dtype), "n": len(self),
+                      "geometry": self._geometry.key() if self._geometry else None}
             digest.update(json.dumps(header).encode())
             digest.update(self.targets.cpu().contiguous().numpy().tobytes())
             if self._images is not None:
                 digest.update(_tensor_bytes(self._images))
             else:
-                assert self._source is not None and self._index is not None
-                identity = self._source.identity(self._index.tolist())
+                assert self._origin is not None and self._index is not None
+                identity = self._origin.identity(self._index.tolist())
                 if identity is not None:
                     digest.update(identity)
                 else:  # no files to describe: hash what the source yields (one pass)
-                    for i in self._index.tolist():
-                        digest.update(_tensor_bytes(self._source.load(i)))
+                    for i in range(len(self)):
+                        digest.update(_tensor_bytes(self[i][0]))
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 
 
 def _tensor_bytes(t: Tensor) -> memoryview:
     return memoryview(t.detach().cpu().contiguous().view(torch.uint8).numpy()).cast("B")
+
+
+def _check_unit_range(images: Tensor, what: str) -> None:
+    """Refuse float pixels outside [0, 1]: zoo normalises them itself, so values that are
+    already normalised (or 0..255) would silently train on the wrong picture."""
+    if not images.numel():
+        return
+    if not bool(torch.isfinite(images).all()):
+        raise ZooError(f"{what} hold NaN or infinity; images must be finite values in [0, 1]")
+    low, high = float(images.min()), float(images.max())
+    if low < 0:
+        raise ZooError(f"{what} must be in [0, 1] but hold {low:.3g}..{high:.3g}, so they "
+                       "look normalised already: remove Normalize from your transform (zoo "
+                       "normalises with the backbone's mean and std)")
+    if high > 1:
+        raise ZooError(f"{what} must be in [0, 1] but reach {high:.3g}; for 0..255 values "
+                       "pass uint8 images or divide by 255")
 
 
 # --------------------------------------------------------------------------- load_data
@@ -229,8 +323,10 @@ def load_data(data: Any, split: str = "train", *, limit_per_class: int | None = 
     tensors, ImageData and Datasets, and "test" means "val" where there is no test folder.
     ``classes`` keeps those classes (indices or names) relabelled 0..k-1 in the given order;
     ``limit_per_class=n`` then keeps the first n of each class after a shuffle seeded with
-    ``seed`` (so a smaller n gives a subset of a larger one). ``image_size`` resizes every
-    image to (H, W); ``strict`` makes an undecodable file an error instead of a warning;
+    ``seed`` (so a smaller n gives a subset of a larger one). ``image_size`` fits every
+    image to (H, W) with :func:`resize_crop` (aspect ratio kept, centre crop; images of
+    mixed sizes in a folder or Dataset are fitted so to the most common or first size
+    anyway, never squashed); ``strict`` makes an undecodable file an error instead of a warning;
     ``in_memory`` forces (True) or forbids (False) decoding an ImageFolder up front.
 
     An ImageFolder is untrusted input. zoo never follows a symbolic link inside it (the
@@ -241,6 +337,11 @@ def load_data(data: Any, split: str = "train", *, limit_per_class: int | None = 
     16-bit images are scaled from their range, float ones clipped to [0, 1], alpha dropped;
     a mode with no known range is refused (see ``strict``). A class folder whose name is
     not UTF-8 gets a class name with those bytes shown as ``\\xNN``.
+
+    Float images (tensors or a Dataset's) must lie in [0, 1]: zoo normalises them with the
+    backbone's mean and std, so already-normalised ones are refused. A torch Dataset is read
+    lazily, item by item; as it may draw a random transform on every read, the runner caches
+    features computed from it only when it declares ``deterministic = True`` (an attribute).
     """
     if split not in _SPLITS:
         raise ZooError(f"unknown split {split!r}; use one of {', '.join(_SPLITS)}")
@@ -290,16 +391,12 @@ def _as_size(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None
 
 def _finish(data: ImageData, classes: Sequence[int | str] | None, limit: int | None, seed: int,
             size: tuple[int, int] | None) -> ImageData:
-    """Apply the class selection and per-class limit, then resize in-memory images."""
+    """Apply the class selection and per-class limit, then fit the images to ``size``."""
     if classes is not None or limit is not None:
         index, targets, names = _select(data.targets, data.classes, classes, limit, seed)
         data = data._relabelled(index, targets, names)
-    if size is not None and data.tensors is None and data.image_shape[1:] != size:
-        raise ZooError(f"cannot resize lazy data {data.name!r} afterwards; pass image_size= "
-                       "when loading the folder or Dataset")
-    if size is not None and data.tensors is not None and data.image_shape[1:] != size:
-        data = ImageData(_resize(data.tensors[0], size), data.targets, data.classes,
-                         name=data.name, split=data.split, skipped=data.skipped)
+    if size is not None and (data.image_shape[1:] != size or data.geometry is not None):
+        data = data.at(Geometry(size))
     return data
 
 
@@ -377,9 +474,7 @@ def _check_tensor_pair(x: Any, y: Any) -> tuple[Tensor, Tensor]:
         raise ZooError("x holds no images")
     if x.is_floating_point():
         x = x.to(torch.float32)
-        if not bool(torch.isfinite(x).all()) or x.min() < 0 or x.max() > 1:
-            raise ZooError("float images must lie in [0, 1]; for 0..255 values pass "
-                           "x.to(torch.uint8) or x / 255")
+        _check_unit_range(x, "float images")
     elif x.dtype != torch.uint8:
         raise ZooError(f"x must be uint8 or float in [0, 1]; got {x.dtype}")
     if y.ndim != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
@@ -461,8 +556,10 @@ def _load_folder(root: Path, split: str, *, classes: Sequence[int | str] | None,
     """An ImageFolder split: ``root/<class>/*`` (fixed stratified 80/20 split, seed 0) or
     ``root/train/<class>/*`` with ``root/val`` or ``root/test`` beside it.
 
-    Symbolic links inside ``root`` are never followed (see ``_image_files``), so every file
-    is read from where it lies, once, in one split.
+    Images keep their own sizes as decoded; when they differ (or ``size`` is given) each is
+    fitted by :func:`resize_crop` (aspect ratio kept, centre crop) to ``size`` or the most
+    common size. Symbolic links inside ``root`` are never followed (see ``_image_files``),
+    so every file is read from where it lies, once, in one split.
     """
     found = _split_files(root, split)
     if found.links:
@@ -473,29 +570,23 @@ def _load_folder(root: Path, split: str, *, classes: Sequence[int | str] | None,
     index, labels, names = _select(found.labels, found.classes, classes, limit, seed)
     split_root, name = found.split_root, _class_name(root.name)
     paths = [split_root / found.files[i] for i in index.tolist()]
-    common, grey = _common_format(found.header_files, root)
-    size = size or common
-    shape = (1 if grey else 3, *size)
+    common, grey, mixed, mean_area = _common_format(found.header_files, root)
+    channels = 1 if grey else 3
+    geometry = Geometry(size) if size is not None else Geometry(common) if mixed else None
+    shape = (channels, *(geometry.size if geometry else common))
     if in_memory is None:
-        in_memory = len(paths) * shape[0] * shape[1] * shape[2] <= MEMORY_BUDGET
+        in_memory = len(paths) * channels * max(mean_area, shape[1] * shape[2]) <= MEMORY_BUDGET
     if not in_memory:
-        source = _FileSource(split_root, [str(p.relative_to(split_root)) for p in paths],
-                             shape)
-        return ImageData._lazy(source, torch.arange(len(paths)), labels, names,
-                               name=name, split=found.split_name)
-    images = torch.empty((len(paths), *shape), dtype=torch.uint8)
-    ok = torch.ones(len(paths), dtype=torch.bool)
-    reasons: list[str] = []
+        source = _FileSource(split_root, [str(p.relative_to(split_root)) for p in paths], grey)
+        return ImageData._from_origin(source, torch.arange(len(paths)), labels, names,
+                                      shape=shape, dtype=torch.uint8, geometry=geometry,
+                                      name=name, split=found.split_name)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for i, image in enumerate(pool.map(lambda p: _try_decode(p, shape), paths)):
-            if isinstance(image, str):
-                ok[i] = False
-                reasons.append(image)
-            else:
-                images[i] = image
-    skipped = [str(p) for p, good in zip(paths, ok.tolist(), strict=True) if not good]
+        decoded = list(pool.map(lambda p: _try_decode(p, grey), paths))
+    ok = [not isinstance(image, str) for image in decoded]
+    skipped = [str(p) for p, good in zip(paths, ok, strict=True) if not good]
     if skipped:
-        first = f"{_shown(skipped[0])} ({reasons[0]})"
+        first = f"{_shown(skipped[0])} ({decoded[ok.index(False)]})"
         if strict:
             raise ZooError(f"cannot decode image {first}, {len(skipped)} bad file(s) in "
                            f"{_shown(split_root)}; remove or fix it, or drop strict=True to "
@@ -503,9 +594,22 @@ def _load_folder(root: Path, split: str, *, classes: Sequence[int | str] | None,
         warnings.warn(f"skipped {len(skipped)} image(s) in {_shown(split_root)} that could not "
                       f"be decoded, e.g. {first}; pass strict=True to fail instead",
                       stacklevel=3)
-        images, labels = images[ok], labels[ok]
-    return ImageData(images, labels, names, name=name, split=found.split_name,
-                     skipped=skipped)
+        labels = labels[torch.tensor(ok, dtype=torch.bool)]
+    natives: list[Tensor] = [image for image in decoded if not isinstance(image, str)]
+    if geometry is None and any(tuple(t.shape[1:]) != common for t in natives):
+        geometry = Geometry(common)  # the header sample missed an image of another size
+    if geometry is None:
+        images = torch.stack(natives) if natives else torch.empty((0, *shape), dtype=torch.uint8)
+        natives = list(images.unbind(0))  # views: the originals cost no extra memory
+    else:
+        images = torch.empty((len(natives), *shape), dtype=torch.uint8)
+        for i, image in enumerate(natives):
+            images[i] = resize_crop(image, geometry)
+    good = [str(p.relative_to(split_root)) for p, g in zip(paths, ok, strict=True) if g]
+    source = _FileSource(split_root, good, grey, cache=natives)
+    return ImageData._from_origin(source, torch.arange(len(good)), labels, names, shape=shape,
+                                  dtype=torch.uint8, geometry=geometry, images=images,
+                                  name=name, split=found.split_name, skipped=skipped)
 
 
 @dataclass
@@ -648,9 +752,9 @@ def _image_files(root: Path, folder: str, links: list[str]) -> list[str]:
     return sorted(found)
 
 
-def _common_format(paths: list[Path], root: Path) -> tuple[tuple[int, int], bool]:
-    """The most common (height, width) among (a sample of) the images' headers, and whether
-    all of them are grey."""
+def _common_format(paths: list[Path], root: Path) -> tuple[tuple[int, int], bool, bool, int]:
+    """From (a sample of) the images' headers: the most common (height, width), whether all
+    of them are grey, whether their sizes differ, and their mean area in pixels."""
     from PIL import Image
 
     step = max(1, len(paths) // HEADER_SAMPLE)
@@ -665,7 +769,8 @@ def _common_format(paths: list[Path], root: Path) -> tuple[tuple[int, int], bool
             continue
     if not sizes:
         raise ZooError(f"none of the images in {root} could be read; check the files are images")
-    return sizes.most_common(1)[0][0], grey
+    area = sum(h * w * n for (h, w), n in sizes.items()) // sum(sizes.values())
+    return sizes.most_common(1)[0][0], grey, len(sizes) > 1, area
 
 
 def _open_image(path: Path | str, *, follow: bool) -> Any:
@@ -685,13 +790,12 @@ def _open_image(path: Path | str, *, follow: bool) -> Any:
     return os.fdopen(fd, "rb")
 
 
-def _decode(path: Path | str, grey: bool = False, size: tuple[int, int] | None = None, *,
-            follow: bool = True) -> Tensor:
-    """Decode one image file to a uint8 CHW tensor, grey or RGB, resized to (H, W) if given.
+def _decode(path: Path | str, grey: bool = False, *, follow: bool = True) -> Tensor:
+    """Decode one image file, at its own size, to a uint8 CHW tensor, grey or RGB.
 
     Any pixel format Pillow opens is converted by its value range (see ``_to_8bit``); a
     format without a known range raises ZooError (the reason, without the path) rather than
-    decode to a wrong image.
+    decode to a wrong image. EXIF orientation is applied.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -702,8 +806,6 @@ def _decode(path: Path | str, grey: bool = False, size: tuple[int, int] | None =
             raise ZooError("not an image file Pillow can read") from None
         with raw:
             img = _to_8bit(ImageOps.exif_transpose(raw) or raw, grey, _declared_bits(raw))
-        if size is not None and img.size != (size[1], size[0]):
-            img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
         array = np.array(img, dtype=np.uint8)
     tensor = torch.from_numpy(array)
     return tensor.unsqueeze(0) if grey else tensor.permute(2, 0, 1).contiguous()
@@ -759,10 +861,10 @@ def _scaled_plane(img: Any, bits: int) -> np.ndarray:
     return np.rint(scaled * 255).astype(np.uint8)
 
 
-def _try_decode(path: Path, shape: tuple[int, int, int]) -> Tensor | str:
-    """The decoded image, or why it cannot be decoded (one line)."""
+def _try_decode(path: Path, grey: bool) -> Tensor | str:
+    """The decoded image (at its own size), or why it cannot be decoded (one line)."""
     try:
-        return _decode(path, shape[0] == 1, shape[1:], follow=False)
+        return _decode(path, grey, follow=False)
     except Exception as exc:
         return _one_line(exc)
 
@@ -779,19 +881,24 @@ def _shown(path: Path | str) -> str:
 
 
 class _FileSource:
-    """Image files under ``root`` decoded on demand to one fixed shape."""
+    """Image files under ``root``, each decoded at its own size (kept in ``cache`` when the
+    folder was decoded up front). Files do not change as they are read, so they are cached."""
 
-    dtype = torch.uint8
+    eager = True
 
-    def __init__(self, root: Path, files: list[str], shape: tuple[int, int, int]) -> None:
+    def __init__(self, root: Path, files: list[str], grey: bool,
+                 cache: list[Tensor] | None = None) -> None:
         self.root = root
         self.files = files
-        self.image_shape = shape
+        self.grey = grey
+        self.cache = cache
 
     def load(self, i: int) -> Tensor:
+        if self.cache is not None:
+            return self.cache[i]
         path = self.root / self.files[i]
         try:
-            return _decode(path, self.image_shape[0] == 1, self.image_shape[1:], follow=False)
+            return _decode(path, self.grey, follow=False)
         except Exception as exc:
             raise ZooError(f"cannot decode image {_shown(path)}: {_one_line(exc)}; remove or "
                            "fix the file") from None
@@ -803,28 +910,35 @@ class _FileSource:
             lines.append(f"{self.files[i]}\0{info.st_size}\0{info.st_mtime_ns}")
         return os.fsencode("\n".join(lines))  # file names need not be UTF-8
 
+    def refusal(self, indices: Sequence[int]) -> None:
+        return None
+
 
 def load_image(path: str | os.PathLike[str], *, image_size: int | tuple[int, int] | None = None,
                channels: int = 3) -> Tensor:
-    """Read one image file as a uint8 CHW tensor (RGB, or grey with ``channels=1``), e.g. for
-    ``zoo predict``; ``image_size`` resizes it to (H, W). Pixels are converted as in an
-    ImageFolder (see ``load_data``): a mode with no known range raises ZooError."""
+    """Read one image file as a uint8 CHW tensor (RGB, or grey with ``channels=1``) at its
+    own size; ``image_size`` fits it to (H, W) with :func:`resize_crop` (aspect ratio kept,
+    centre crop). For a model's input use ``transform.prepare_image(load_image(path))``:
+    the same fitting every file gets in training and ``evaluate``. Pixels are converted as
+    in an ImageFolder (see ``load_data``): a mode with no known range raises ZooError."""
     if channels not in (1, 3):
         raise ZooError(f"channels must be 1 or 3; got {channels}")
     if not Path(path).is_file():
         raise ZooError(f"no such image file: {_shown(path)}")
     size = _as_size(image_size)
     try:
-        return _decode(path, channels == 1, size)
+        image = _decode(path, channels == 1)
     except Exception as exc:
         raise ZooError(f"cannot decode image {_shown(path)}: {_one_line(exc)}") from None
+    return resize_crop(image, Geometry(size)) if size is not None else image
 
 
 # --------------------------------------------------------------------------- torch Datasets
 
 
 def _wrap_dataset(dataset: Dataset, size: tuple[int, int] | None) -> ImageData:
-    """Wrap a Dataset of ``(image, label)`` lazily; its first image fixes shape and dtype."""
+    """Wrap a Dataset of ``(image, label)`` lazily; its first image fixes channels, dtype and
+    (unless ``size`` is given) the size others are fitted to."""
     try:
         n = len(dataset)  # type: ignore[arg-type]
     except TypeError:
@@ -849,13 +963,15 @@ def _wrap_dataset(dataset: Dataset, size: tuple[int, int] | None) -> ImageData:
     else:
         _check_labels(labels, None, type(dataset).__name__)
         class_names = [str(c) for c in range(int(labels.max()) + 1)]
-    source = _DatasetSource(dataset, shape, dtype)  # type: ignore[arg-type]
-    return ImageData._lazy(source, torch.arange(n), labels, class_names,
-                           name=type(dataset).__name__)
+    return ImageData._from_origin(_DatasetSource(dataset), torch.arange(n), labels,
+                                  class_names, shape=shape, dtype=dtype,
+                                  geometry=Geometry(size) if size is not None else None,
+                                  name=type(dataset).__name__)
 
 
 def _as_chw(image: Any) -> Tensor:
-    """A Dataset's image (CHW or HW tensor, or PIL image) as a CHW uint8/float32 tensor."""
+    """A Dataset's image (CHW or HW tensor, or PIL image) as a CHW uint8/float32 tensor;
+    float pixels must lie in [0, 1] (normalised ones are refused, see _check_unit_range)."""
     if not isinstance(image, Tensor):
         if not hasattr(image, "convert"):
             raise ZooError(f"dataset images must be CHW tensors or PIL images; got "
@@ -872,31 +988,143 @@ def _as_chw(image: Any) -> Tensor:
         raise ZooError(f"dataset images must be C x H x W with 1 or 3 channels; got shape "
                        f"{tuple(image.shape)}")
     if image.is_floating_point():
-        return image.to(torch.float32)
+        image = image.detach().to(torch.float32)
+        _check_unit_range(image, "dataset images")
+        return image
     if image.dtype != torch.uint8:
         raise ZooError(f"dataset images must be uint8 or float in [0, 1]; got {image.dtype}")
     return image
 
 
-class _DatasetSource:
-    """Images of a wrapped Dataset, conformed to one shape and dtype as they are read."""
+# How many items (evenly spaced) are read twice to see whether a Dataset changes.
+RANDOMNESS_PROBES = 4
 
-    def __init__(self, dataset: Dataset, shape: tuple[int, int, int], dtype: torch.dtype):
+
+class _DatasetSource:
+    """The images of a wrapped Dataset, at their own sizes, read as they are asked for.
+
+    A Dataset may draw a new random augmentation on every read, so its items are never read
+    up front, and features computed from it are cached only when it declares
+    ``deterministic = True`` (see ``refusal``).
+    """
+
+    eager = False
+
+    def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
-        self.image_shape = shape
-        self.dtype = dtype
 
     def load(self, i: int) -> Tensor:
-        image = _match_channels(_as_chw(self.dataset[i][0]).unsqueeze(0), self.image_shape[0])
-        if tuple(image.shape[2:]) != self.image_shape[1:]:
-            image = _resize(image, self.image_shape[1:])  # type: ignore[arg-type]
-        if image.dtype != self.dtype:
-            image = (_to_float(image) if self.dtype == torch.float32
-                     else (image * 255).round().clamp(0, 255).to(torch.uint8))
-        return image[0]
+        return _as_chw(self.dataset[i][0])
 
     def identity(self, indices: Sequence[int]) -> None:
         return None
+
+    def refusal(self, indices: Sequence[int]) -> str | None:
+        """None if the Dataset declares ``deterministic = True``; else why its features must
+        not be cached: declared not deterministic, seen to change when items are read twice,
+        or not declared at all (zoo cannot prove a Dataset never changes)."""
+        name = type(self.dataset).__name__
+        declared = getattr(self.dataset, "deterministic", None)
+        if declared is True:
+            return None
+        if declared is False:
+            return f"{name}.deterministic is False"
+        step = max(1, len(indices) // RANDOMNESS_PROBES)
+        probes = list(indices)[::step][:RANDOMNESS_PROBES]
+        first = [self.load(i) for i in probes]
+        if any(not torch.equal(a, self.load(i)) for a, i in zip(first, probes, strict=True)):
+            return (f"{name} gives a different image when an item is read twice (a random "
+                    "transform?), so every epoch reads it anew")
+        return (f"{name} is a torch Dataset zoo cannot prove deterministic; set "
+                f"{name}.deterministic = True if its items never change")
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+# An image more elongated than this, relative to the model's input, first loses the ends of
+# its long side (the centre crop would drop them anyway), so resizing stays small.
+MAX_ASPECT = 4
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an image of any size lands in a model's input: resized, keeping its aspect
+    ratio, until it covers ``size / crop_pct`` (the shorter side, for a square input), then
+    centre-cropped to ``size``: timm's and torchvision's evaluation transform."""
+
+    size: tuple[int, int]
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", tuple(int(s) for s in self.size))
+        object.__setattr__(self, "crop_pct", float(self.crop_pct))
+        if len(self.size) != 2 or min(self.size) < 1:
+            raise ZooError(f"an image size must be (height, width); got {self.size!r}")
+        if not 0 < self.crop_pct <= 1:
+            raise ZooError(f"crop_pct must be in (0, 1]; got {self.crop_pct!r}")
+        if self.interpolation not in ("bilinear", "bicubic"):
+            raise ZooError(f"interpolation must be 'bilinear' or 'bicubic'; "
+                           f"got {self.interpolation!r}")
+
+    @property
+    def resize_size(self) -> tuple[int, int]:
+        """The (height, width) the resized image covers before the crop (timm's floor)."""
+        h, w = self.size
+        return (max(h, math.floor(h / self.crop_pct + 1e-6)),
+                max(w, math.floor(w / self.crop_pct + 1e-6)))
+
+    def key(self) -> str:
+        """A stable string naming this geometry, for cache keys and fingerprints."""
+        h, w = self.size
+        return f"fit-v1:{h}x{w}:crop={self.crop_pct!r}:{self.interpolation}-antialias"
+
+
+def _covering(height: int, width: int, target: tuple[int, int]) -> tuple[int, int]:
+    """The size (aspect ratio kept) at which an image first covers ``target``; a square
+    target sets the shorter side and truncates the longer, as torchvision's Resize does."""
+    th, tw = target
+    if th * width >= tw * height:
+        return th, max(tw, int(th * width / height))
+    return max(th, int(tw * height / width)), tw
+
+
+def resize_crop(images: Tensor, geometry: Geometry) -> Tensor:
+    """Fit a CHW image, or an N x C x H x W batch of one size, to ``geometry``: resize
+    (antialiased, keeping the aspect ratio) to cover ``geometry.resize_size``, then take the
+    centre ``geometry.size`` crop. The one definition of a model's input geometry: training,
+    ``evaluate`` and ``predict`` all call it. uint8 stays uint8 (rounded), floats float."""
+    single = images.ndim == 3
+    x = images[None] if single else images
+    if x.ndim != 4:
+        raise ZooError(f"resize_crop needs a C x H x W image or an N x C x H x W batch; got "
+                       f"shape {tuple(images.shape)}")
+    target = geometry.resize_size
+    th, tw = geometry.size
+    height, width = x.shape[-2:]
+    if height * target[1] > MAX_ASPECT * width * target[0]:  # far too tall: keep the middle
+        keep = max(1, round(MAX_ASPECT * width * target[0] / target[1]))
+        x = x[..., (height - keep) // 2:(height - keep) // 2 + keep, :]
+    elif width * target[0] > MAX_ASPECT * height * target[1]:  # far too wide
+        keep = max(1, round(MAX_ASPECT * height * target[1] / target[0]))
+        x = x[..., (width - keep) // 2:(width - keep) // 2 + keep]
+    height, width = x.shape[-2:]
+    nh, nw = _covering(height, width, target)
+    if (nh, nw) == (height, width) == (th, tw):
+        return images
+    out = _to_float(x)
+    if (nh, nw) != (height, width):
+        out = F.interpolate(out, size=(nh, nw), mode=geometry.interpolation, antialias=True,
+                            align_corners=False)
+        if geometry.interpolation == "bicubic":
+            out = out.clamp(0.0, 1.0)
+    top, left = int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
+    out = out[..., top:top + th, left:left + tw]
+    if x.dtype == torch.uint8:
+        out = (out * 255).round().clamp(0, 255).to(torch.uint8)
+    out = out.contiguous()
+    return out[0] if single else out
 
 
 # --------------------------------------------------------------------------- transforms
@@ -906,15 +1134,6 @@ def _to_float(images: Tensor) -> Tensor:
     if images.dtype == torch.uint8:
         return images.to(torch.float32) / 255
     return images.to(torch.float32)
-
-
-def _resize(images: Tensor, size: tuple[int, int]) -> Tensor:
-    """Resize an N x C x H x W batch (bilinear, antialiased), keeping its dtype."""
-    out = F.interpolate(_to_float(images), size=size, mode="bilinear", antialias=True,
-                        align_corners=False)
-    if images.dtype == torch.uint8:
-        return (out * 255).round().clamp(0, 255).to(torch.uint8)
-    return out.clamp(0, 1)
 
 
 def _match_channels(images: Tensor, channels: int) -> Tensor:
@@ -936,13 +1155,15 @@ def _match_channels(images: Tensor, channels: int) -> Tensor:
 @dataclass(frozen=True)
 class BatchTransform:
     """Turns a uint8/float N x C x H x W batch into the normalised float32 input a model
-    expects: to [0, 1], optional augmentation, resize, grey to RGB, normalise.
+    expects: to [0, 1], fit to the input geometry, optional augmentation, grey to RGB,
+    normalise.
 
-    ``augment`` pads each image by 1/8 of its size (reflecting), crops it back at a random
-    offset and flips half of them horizontally, all drawn from ``generator``.
-    ``crop_pct`` < 1 resizes to ``size / crop_pct`` first and takes the centre crop, as
-    ImageNet evaluation does (resize 256, crop 224); ``interpolation`` is "bilinear" or
-    "bicubic".
+    The geometry (``input_size``, ``crop_pct``, ``interpolation``) is applied by
+    :func:`resize_crop`, as timm and torchvision evaluate: resize keeping the aspect ratio
+    to ``size / crop_pct``, centre-crop ``size``. With ``resize=False`` the images were
+    already fitted one by one (:meth:`ImageData.at`, :func:`prepare_inputs`) and must have
+    the input size. ``augment`` pads each image by 1/8 of its size (reflecting), crops it
+    back at a random offset and flips half of them horizontally, drawn from ``generator``.
     """
 
     input_size: tuple[int, int, int]
@@ -951,6 +1172,7 @@ class BatchTransform:
     augment: bool = False
     crop_pct: float = 1.0
     interpolation: str = "bilinear"
+    resize: bool = True
 
     def __post_init__(self) -> None:
         size = tuple(int(s) for s in self.input_size)
@@ -967,12 +1189,18 @@ class BatchTransform:
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
         object.__setattr__(self, "augment", bool(self.augment))
+        object.__setattr__(self, "resize", bool(self.resize))
         if not 0 < float(self.crop_pct) <= 1:
             raise ZooError(f"crop_pct must be in (0, 1]; got {self.crop_pct!r}")
         if self.interpolation not in ("bilinear", "bicubic"):
             raise ZooError(f"interpolation must be 'bilinear' or 'bicubic'; "
                            f"got {self.interpolation!r}")
         object.__setattr__(self, "crop_pct", float(self.crop_pct))
+
+    @property
+    def geometry(self) -> Geometry:
+        """Where an image lands in the input (see :class:`Geometry`)."""
+        return Geometry(self.input_size[1:], self.crop_pct, self.interpolation)  # type: ignore[arg-type]
 
     @property
     def deterministic(self) -> bool:
@@ -982,32 +1210,52 @@ class BatchTransform:
     def cache_key(self) -> str:
         """A stable string naming this transform, for cache keys."""
         c, h, w = self.input_size
-        return (f"batch-transform-v1:size={c}x{h}x{w}:mean={','.join(map(repr, self.mean))}"
-                f":std={','.join(map(repr, self.std))}:resize={self.interpolation}-antialias"
-                f":crop={self.crop_pct!r}"
+        return (f"batch-transform-v2:size={c}x{h}x{w}:mean={','.join(map(repr, self.mean))}"
+                f":std={','.join(map(repr, self.std))}:{self.geometry.key()}"
+                f":fit={'batch' if self.resize else 'per-image'}"
                 f":augment={'pad-crop-flip' if self.augment else 'none'}")
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if images.ndim != 4:
             raise ZooError(f"BatchTransform needs an N x C x H x W batch; got shape "
                            f"{tuple(images.shape)}")
+        c, h, w = self.input_size
         x = _to_float(images)
+        if self.resize:
+            x = resize_crop(x, self.geometry)
+        elif tuple(x.shape[2:]) != (h, w):
+            raise ZooError(f"images are {tuple(x.shape[2:])} but this transform takes images "
+                           f"already fitted to {(h, w)}; fit them with ImageData.at or use "
+                           "resize=True")
         if self.augment:
             x = _pad_crop_flip(x, generator)
-        c, h, w = self.input_size
-        rh, rw = round(h / self.crop_pct), round(w / self.crop_pct)
-        if tuple(x.shape[2:]) != (rh, rw):
-            x = F.interpolate(x, size=(rh, rw), mode=self.interpolation, antialias=True,
-                              align_corners=False)
-            if self.interpolation == "bicubic":
-                x = x.clamp(0.0, 1.0)
-        if (rh, rw) != (h, w):
-            top, left = (rh - h) // 2, (rw - w) // 2
-            x = x[:, :, top:top + h, left:left + w]
         x = _match_channels(x, c)
         mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, c, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, c, 1, 1)
         return (x - mean) / std
+
+    def prepare_image(self, image: Tensor) -> Tensor:
+        """One decoded C x H x W image (e.g. from :func:`load_image`) as a 1 x C x H x W model
+        input, fitted exactly as every file is in training and ``evaluate``; never augmented."""
+        fitted = resize_crop(image, self.geometry) if self.resize else image
+        return replace(self, resize=False, augment=False)(fitted[None])
+
+
+def prepare_inputs(transform: BatchTransform, *datasets: ImageData | None
+                   ) -> tuple[BatchTransform, list[ImageData | None]]:
+    """The transform and data to train or evaluate with, so every image gets one geometry.
+
+    Images read from files or a torch Dataset (any sizes) are fitted one by one to the
+    transform's geometry, as ``predict`` fits a file, and the transform then only
+    normalises (and augments). Same-size tensors and built-in sets stay as they are, on the
+    fast path: the transform fits whole batches with the same :func:`resize_crop`.
+    """
+    present = [d for d in datasets if d is not None]
+    if not transform.resize or not any(d._origin is not None for d in present):
+        return transform, list(datasets)
+    geometry = transform.geometry
+    return (replace(transform, resize=False),
+            [d.at(geometry) if d is not None else None for d in datasets])
 
 
 def _pad_crop_flip(x: Tensor, generator: torch.Generator | None) -> Tensor:

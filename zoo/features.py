@@ -1,10 +1,11 @@
 """The frozen-prefix activation cache.
 
 When the first groups of a model are frozen for a whole phase and the input pipeline is
-deterministic, their output for a given sample never changes: compute it once, then train
-the rest of the network on it every epoch. Entries are keyed by everything the output
-depends on (backbone, base weights, group boundary, data fingerprint, transform) and kept
-in memory up to ``cache_memory`` bytes; past that they spill to a memory-mapped file under
+deterministic (the transform, and the data: see ``decide_cache``), their output for a given
+sample never changes: compute it once, then train the rest of the network on it every
+epoch. Entries are keyed by everything the output depends on (backbone, base weights,
+group boundary, data fingerprint, transform and its geometry) and kept in memory up to
+``cache_memory`` bytes; past that they spill to a memory-mapped file under
 ``$ZOO_HOME/features``. A process-wide store lets a sweep reuse one backbone's features
 for every strategy that freezes the same prefix.
 """
@@ -19,9 +20,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from zoo.data import ImageData
 
 DEFAULT_CACHE_MEMORY = 2 * 1024**3
 
@@ -157,6 +162,25 @@ class FeatureStore:
         for path, _ in getattr(self, "_spilled", {}).values():
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
+
+
+def decide_cache(wanted: bool, *datasets: ImageData | None) -> tuple[bool, str | None]:
+    """Whether a run may cache features of ``datasets``, and if the data forbid it, why (one
+    line for the log and the run's metrics).
+
+    ``wanted`` is the run's own choice (cache on, and a deterministic transform or fixed
+    augmented views). Only inputs known not to change between reads are cached: zoo's
+    folders, tensors and built-in sets, or a torch Dataset declaring ``deterministic = True``
+    (see ``ImageData.cache_refusal``); a cached random augmentation would be replayed every
+    epoch.
+    """
+    if not wanted:
+        return False, None
+    for data in datasets:
+        reason = data.cache_refusal() if data is not None else None
+        if reason is not None:
+            return False, f"feature cache off: {reason}"
+    return True, None
 
 
 _shared: FeatureStore | None = None
