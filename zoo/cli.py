@@ -200,12 +200,48 @@ def _load_model(target: str) -> Any:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     import zoo
+    from zoo.evaluation import check_evaluation_dir, write_evaluation
 
+    if args.out is not None:
+        check_evaluation_dir(args.out)  # before the slow part: never over a user's files
     model = _load_model(args.checkpoint)
     metrics = zoo.evaluate(model, args.data, split=args.split, device=args.device)
-    print(json.dumps(metrics, indent=2) if args.json else
-          f"accuracy {metrics['accuracy']:.4f}, top-5 {metrics['top5_accuracy']:.4f}, "
-          f"loss {metrics['loss']:.4f} on {metrics['samples']} images")
+    written = write_evaluation(args.out, metrics, {"checkpoint": args.checkpoint,
+                                                    "data": args.data, "split": args.split}
+                               ) if args.out is not None else []
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return
+    print(_evaluation_text(metrics))
+    if written:
+        print("wrote " + " and ".join(str(p) for p in written))
+    if written and metrics["confusion_matrix"] is None:
+        print(f"no confusion_matrix.png: {len(metrics['class_names'])} classes are too many to "
+              "draw; evaluation.json lists the matrix's non-zero cells")
+
+
+def _printable(name: str) -> str:
+    """A class name on one table row: control characters (a newline in a folder name) shown
+    as escapes."""
+    return name if name.isprintable() else name.encode("unicode_escape").decode("ascii")
+
+
+def _evaluation_text(metrics: dict[str, Any], max_rows: int = 100) -> str:
+    """Overall accuracy (top-5 where reported), loss, and a per-class table."""
+    correct = sum(c["correct"] for c in metrics["per_class"])
+    head = (f"accuracy {metrics['accuracy']:.2%} ({correct}/{metrics['samples']} images)"
+            + (f", top-5 {metrics['top5_accuracy']:.2%}" if "top5_accuracy" in metrics else "")
+            + f", loss {metrics['loss']:.4f}")
+    rows = [("class", "images", "correct", "accuracy")]
+    rows += [(_printable(c["class"]), str(c["samples"]), str(c["correct"]),
+              f"{c['accuracy']:.2%}") for c in metrics["per_class"][:max_rows]]
+    lines = [head, _table(rows)]
+    if len(metrics["per_class"]) > max_rows:
+        lines.append(f"... {len(metrics['per_class']) - max_rows} more classes (see --out or "
+                     "--json)")
+    if metrics.get("note"):
+        lines.append(f"note: {metrics['note']}")
+    return "\n".join(lines)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -406,12 +442,15 @@ def build_parser() -> Parser:
     common_training(p)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("evaluate", help="accuracy of a checkpoint on a dataset")
+    p = sub.add_parser("evaluate", help="accuracy of a checkpoint on a dataset, per class too")
     p.add_argument("checkpoint", help="checkpoint directory or hf-hub:REPO")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True,
+                   help="its classes are matched to the model's by name; a subset is fine")
     p.add_argument("--split", default="val")
     p.add_argument("--device")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--out", help="a new or empty folder (or an earlier evaluation's) for "
+                                 "evaluation.json and confusion_matrix.png")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="top-k classes for images")

@@ -850,32 +850,42 @@ def transform_from_config(pre: Mapping[str, Any]) -> BatchTransform:
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Any, *, batch_size: int = 128, split: str = "val",
              device: str | torch.device | None = None,
-             transform: BatchTransform | None = None) -> dict[str, float]:
-    """Accuracy and loss of ``model`` on ``data`` (any form ``finetune`` accepts).
+             transform: BatchTransform | None = None) -> dict[str, Any]:
+    """Accuracy, loss, per-class accuracy and confusion matrix of ``model`` on ``data`` (any
+    form ``finetune`` accepts), its classes matched to the model's by name.
 
-    The input transform comes from the model's zoo config (set by ``finetune`` and
-    ``load_checkpoint``) unless ``transform`` is given.
+    The data may hold any subset of the model's classes (predictions stay over all of them);
+    a class the model does not know is an error. Where either side has no class names
+    (tensors, a model without ``class_names``) labels are matched by index if the counts
+    fit, and the result's ``note`` says so (see ``zoo.evaluation.map_classes``). Top-5
+    accuracy is reported only for models with more than 5 classes. The input transform
+    comes from the model's zoo config (set by ``finetune`` and ``load_checkpoint``) unless
+    ``transform`` is given.
     """
+    from zoo.evaluation import Tally, map_classes
+
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
     dataset = load_data(data, split)
+    if len(dataset) == 0:
+        raise ZooError("the evaluation data holds no images")
+    config = getattr(model, "zoo_config", None) or {}
     if transform is None:
-        pre = getattr(model, "zoo_config", {}).get("preprocessing")
+        pre = config.get("preprocessing")
         if pre is None:
             raise ZooError("the model carries no preprocessing; pass transform=")
         transform = transform_from_config(pre)
+    names, num_classes = config.get("class_names"), config.get("num_classes")
+    # a checkpoint's classes are known up front, so a mismatch is refused before any work
+    tally = Tally(map_classes(names, num_classes, dataset)) if num_classes else None
     was_training = model.training
     model.eval().to(dev)
-    loss_sum, correct, top5 = 0.0, 0, 0
     try:
         for _, images, labels in Batches(dataset, batch_size)(torch.arange(len(dataset))):
             logits = model(transform(images.to(dev))).float()
-            labels = labels.to(dev)
-            loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-            correct += int((logits.argmax(1) == labels).sum())
-            k = min(5, logits.shape[1])
-            top5 += int((logits.topk(k, 1).indices == labels[:, None]).any(1).sum())
+            if tally is None:  # a bare model: its output size tells its classes
+                tally = Tally(map_classes(names, logits.shape[-1], dataset))
+            tally.add(logits, labels.to(dev))
     finally:
         model.train(was_training)
-    n = len(dataset)
-    return {"accuracy": correct / n, "top5_accuracy": top5 / n, "loss": loss_sum / n,
-            "samples": n}
+    assert tally is not None
+    return tally.result()
