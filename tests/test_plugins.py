@@ -228,7 +228,7 @@ def hook_names() -> list[str]:
 
 def test_every_hook_is_documented_in_the_readme_with_its_signature() -> None:
     readme = (ROOT / "README.md").read_text()
-    assert hook_names() == ["register_backbones", "register_strategies"]
+    assert hook_names() == ["register_backbones", "register_strategies", "register_loggers"]
     for name in hook_names():
         signature = f"{name}{inspect.signature(getattr(hookspecs, name))}"
         signature = signature.replace("'", "")

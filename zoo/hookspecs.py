@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from zoo.runner import Callback
     from zoo.spec import Backbone, BackboneFamily, Strategy
 
 hookspec = pluggy.HookspecMarker("zoo")
@@ -33,4 +34,13 @@ def register_strategies(register: Callable[[Strategy], None]) -> None:
     """Register freeze strategies (ways of choosing which layer groups learn, and how fast).
 
     :param register: call it once per ``zoo.Strategy``.
+    """
+
+
+@hookspec
+def register_loggers(register: Callable[[str, Callable[..., Callback]], None]) -> None:
+    """Register training loggers (W&B, MLflow, ...), chosen by name with ``loggers=[...]``.
+
+    :param register: call it once per logger, ``register(name, factory)``; the factory takes
+        ``(output_dir, **options)`` and returns a ``zoo.Callback``.
     """
