@@ -51,6 +51,9 @@ _LAZY = {
     "load_data": "zoo.data",
 }
 
+    "load_run": "zoo.runfile",
+    "write_run": "zoo.runfile",
+    "lr_find": "zoo.lr_find",
 __all__ = [
     "Backbone", "BackboneFamily", "CheckpointError", "DuplicateNameError", "HubError",
     "IncompatibleError",
