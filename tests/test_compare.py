@@ -97,7 +97,8 @@ def test_records_hold_the_measurements(sweep):
     assert pairs == {(b, s) for b in BACKBONES for s in [*STRATEGIES, "scratch"]}
     for r in result.records:
         assert r["epochs"] == 1 and len(r["history"]) == 1
-        assert 0 <= r["final_accuracy"] <= r["best_accuracy"] <= 1
+        assert 0 <= r["last_accuracy"] <= r["kept_accuracy"] == r["best_accuracy"] <= 1
+        assert r["kept_epoch"] == 1 and r["keep"] == "best"
         assert r["epoch_time_s"] > 0 and r["wall_time_s"] >= r["train_time_s"] > 0
         assert 0 < r["trainable_params"] <= r["total_params"]
         assert r["peak_memory_abs_mb"] > 0 and r["peak_memory_mb"] >= 0
@@ -122,22 +123,23 @@ def test_report_table_lists_every_run_marks_scratch_and_equals_results_json(swee
     for row, c in zip(rows, cells, strict=True):
         assert c[1] == row["backbone"]
         assert c[2] == row["strategy"] + (" (baseline)" if row["baseline"] else "")
-        assert number(c[3]) == row["final_accuracy"]
-        assert number(c[4]) == row["best_accuracy"]
-        assert c[5] == "baseline" if row["baseline"] else number(c[5]) == row["delta_points"]
-        assert c[6] == "never" if row["time_to_target_s"] is None \
-            else number(c[6]) == row["time_to_target_s"]
-        assert int(number(c[9])) == row["trainable_params"]
-        assert int(number(c[10])) == row["total_params"]
-        assert number(c[13]) == row["checkpoint_mb"]
+        assert number(c[3]) == row["kept_accuracy"]
+        assert c[4] == "1" and row["kept_epochs"] == [1]
+        assert number(c[5]) == row["best_accuracy"]
+        assert c[6] == "baseline" if row["baseline"] else number(c[6]) == row["delta_points"]
+        assert c[7] == "never" if row["time_to_target_s"] is None \
+            else number(c[7]) == row["time_to_target_s"]
+        assert int(number(c[10])) == row["trainable_params"]
+        assert int(number(c[11])) == row["total_params"]
+        assert number(c[14]) == row["checkpoint_mb"]
     # and the JSON rows are the records, rounded as shown
     by_pair = {(r["backbone"], r["strategy"]): r for r in data["records"]}
     for row in rows:
         record = by_pair[(row["backbone"], row["strategy"])]
-        assert row["final_accuracy"] == round(100 * record["final_accuracy"], 1)
+        assert row["kept_accuracy"] == round(100 * record["kept_accuracy"], 1)
         assert row["best_accuracy"] == round(100 * record["best_accuracy"], 1)
-    finals = [r["final_accuracy"] for r in rows]
-    assert finals == sorted(finals, reverse=True)
+    kept = [r["kept_accuracy"] for r in rows]
+    assert kept == sorted(kept, reverse=True)
     assert sum("scratch (baseline)" in line for line in result.report_path.read_text()
                .splitlines()) == 2
 
@@ -147,7 +149,8 @@ def test_terminal_table_is_aligned_and_complete(sweep):
     text = format_table(result)
     lines = text.splitlines()
     assert len(lines) == 2 + 6
-    assert "final acc %" in lines[0] and set(lines[1]) <= {"-", " "}
+    assert "kept acc %" in lines[0] and "kept epoch" in lines[0]
+    assert set(lines[1]) <= {"-", " "}
     for r in result.records:
         assert any(r["backbone"] in line and r["strategy"] in line for line in lines[2:])
     assert text.count("(baseline)") == 2
@@ -187,7 +190,8 @@ def test_results_csv_parses_with_one_row_per_run(sweep):
     by_run = {r["run"]: r for r in result.records}
     for row in rows:
         record = by_run[row["run"]]
-        assert float(row["final_accuracy"]) == record["final_accuracy"]
+        assert float(row["kept_accuracy"]) == record["kept_accuracy"]
+        assert int(row["kept_epoch"]) == record["kept_epoch"]
         assert int(row["trainable_params"]) == record["trainable_params"]
         assert int(row["checkpoint_bytes"]) == record["checkpoint_bytes"]
 
@@ -200,8 +204,8 @@ def test_a_second_call_resumes_without_running_anything_again(sweep, tmp_path, m
     again = compare(BACKBONES, STRATEGIES, "digits", **sweep_kwargs(out, counter))
     assert counter.started == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*")} == before
-    assert [r["final_accuracy"] for r in again.records] == \
-        [r["final_accuracy"] for r in result.records]
+    assert [r["kept_accuracy"] for r in again.records] == \
+        [r["kept_accuracy"] for r in result.records]
     assert again.summary["table"] == result.summary["table"]
 
 
@@ -261,13 +265,15 @@ def test_tensor_data_needs_validation_data(tmp_path, digits):
 
 
 def fake(backbone: str, strategy: str, seed: int, accuracies: list[float],
-         step_s: float = 10.0, params: int = 1000) -> dict[str, Any]:
+         step_s: float = 10.0, params: int = 1000, kept: int = -1) -> dict[str, Any]:
+    """A record as compare writes it; ``kept`` indexes the epoch kept (default: the last)."""
     history = [{"epoch": i + 1, "accuracy": a, "time_s": step_s * (i + 1),
                 "epoch_time_s": step_s} for i, a in enumerate(accuracies)]
     return {"run": run_name(backbone, strategy, seed), "backbone": backbone,
             "strategy": strategy, "seed": seed, "baseline": strategy == "scratch",
             "weights": None, "epochs": len(history), "best_accuracy": max(accuracies),
-            "final_accuracy": accuracies[-1], "epoch_time_s": step_s,
+            "kept_accuracy": accuracies[kept], "kept_epoch": history[kept]["epoch"],
+            "last_accuracy": accuracies[-1], "epoch_time_s": step_s,
             "train_time_s": step_s * len(history), "wall_time_s": step_s * len(history) + 1,
             "trainable_params": params, "total_params": 5000, "peak_memory_mb": 10.0,
             "peak_memory_abs_mb": 500.0, "memory_kind": "rss", "checkpoint_bytes": 2**20,
@@ -311,7 +317,7 @@ def test_several_seeds_give_mean_and_std_in_report_and_json(tmp_path):
     rows = {r["strategy"]: r for r in result.summary["table"]}
     full = rows["full"]
     assert full["seeds"] == 3
-    assert full["final_accuracy"] == 82.0 and full["final_accuracy_std"] == 2.0
+    assert full["kept_accuracy"] == 82.0 and full["kept_accuracy_std"] == 2.0
     assert full["delta_points"] == 50.0 and full["delta_points_std"] == 0.0
     cells = {c[2]: c for c in markdown_rows(result.report_path.read_text())}
     assert cells["full"][3] == "82.0 ± 2.0"
@@ -329,7 +335,7 @@ def test_a_scratch_only_backbone_is_a_reference_row(tmp_path):
     result = write_report(records, tmp_path)
     assert any(line.startswith("`big` (scratch only") for line in result.summary["lines"])
     assert result.summary["winner"] == {"backbone": "net", "strategy": "full",
-                                        "final_accuracy": 80.0}
+                                        "kept_accuracy": 80.0}
 
 
 def with_chance(record: dict[str, Any], chance: float) -> dict[str, Any]:

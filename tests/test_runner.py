@@ -126,8 +126,11 @@ def test_metrics_and_per_epoch_history(base: str, train_xy: Any, val_xy: Any) ->
     assert metrics["trainable_params"] == 16 * 10 + 10  # the head only
     assert metrics["total_params"] == sum(p.numel() for p in result.model.parameters())
     assert metrics["epochs"] == 3
-    assert metrics["val_accuracy"] == result.history[-1]["val_accuracy"]
+    # the metrics are the kept epoch's: the best one by default (tests/test_faithful_training)
+    assert metrics["val_accuracy"] == result.history[metrics["kept_epoch"] - 1]["val_accuracy"]
     assert metrics["best_val_accuracy"] == max(h["val_accuracy"] for h in result.history)
+    assert metrics["val_accuracy"] == metrics["best_val_accuracy"]
+    assert metrics["last_val_accuracy"] == result.history[-1]["val_accuracy"]
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     for record in result.history:
         assert set(record) >= RECORD_KEYS

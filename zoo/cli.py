@@ -7,8 +7,12 @@ unexpected failure prints one line too and exits 1. ``--debug`` shows the traceb
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import itertools
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -164,24 +168,67 @@ def cmd_plan(args: argparse.Namespace) -> None:
           f"({share:.2%}).")
 
 
+def new_run_dir(backbone: str, strategy: str, root: Path = Path("runs"),
+                now: datetime.datetime | None = None) -> Path:
+    """Create and return ``root/<backbone>-<strategy>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``...
+    when taken): where ``zoo finetune`` saves a run given no ``--out``, never a used folder."""
+    stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{backbone}-{strategy}-{stamp}")
+    root.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        path = root / (name if n == 1 else f"{name}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("unreachable")
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
     import zoo
 
     weights = None if args.weights in ("none", "random") else args.weights
-    result = zoo.finetune(
-        args.backbone, args.strategy, args.data, args.val, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, weights=weights,
-        strategy_options=_options(args.option), output_dir=args.out, device=args.device,
-        seed=args.seed, augment=args.augment, limit_per_class=args.limit_per_class,
-        cache=not args.no_cache, checkpoint_kind=args.checkpoint, resume=args.resume,
-        quiet=args.quiet, image_size=args.image_size, strict=args.strict,
-        overwrite=args.overwrite,
-    )
+    out = args.out
+    if out is None and args.resume is None:  # a trained model is never thrown away
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("under torchrun pass --out DIR: every process must name the "
+                             "same folder")
+        out = new_run_dir(args.backbone, args.strategy)
+        print(f"saving the run to {out} (choose the folder with --out)", flush=True)
+    try:
+        result = zoo.finetune(
+            args.backbone, args.strategy, args.data, args.val, epochs=args.epochs,
+            batch_size=args.batch_size, lr=args.lr, weights=weights,
+            strategy_options=_options(args.option), output_dir=out, device=args.device,
+            seed=args.seed, augment=args.augment, limit_per_class=args.limit_per_class,
+            cache=not args.no_cache, checkpoint_kind=args.checkpoint, resume=args.resume,
+            quiet=args.quiet, image_size=args.image_size, strict=args.strict,
+            overwrite=args.overwrite, keep=args.keep, patience=args.patience,
+        )
+    except BaseException:
+        if out is not None and args.out is None:
+            with contextlib.suppress(OSError):  # only if still empty: nothing was trained
+                Path(out).rmdir()
+        raise
+    _print_run(result)
+
+
+def _print_run(result: Any) -> None:
+    """Each epoch, which one the checkpoint kept, and where it is."""
+    m = result.metrics
     for record in result.history:
         val = f", val accuracy {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""
+        kept = "  <- kept" if record["epoch"] == m.get("kept_epoch") and val else ""
         print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}{val} "
-              f"({record['epoch_time_s']:.1f} s)")
-    m = result.metrics
+              f"({record['epoch_time_s']:.1f} s){kept}")
+    if m.get("stopped_early"):
+        print(f"stopped early: no better validation accuracy in {m['patience']} epoch(s)")
+    if m.get("val_accuracy") is not None:
+        print(f"kept epoch {m['kept_epoch']} ({m['keep']}): val accuracy "
+              f"{m['val_accuracy']:.4f} (last epoch {m['last_val_accuracy']:.4f})")
+    elif m.get("keep_note"):
+        print(f"note: {m['keep_note']}")
     print(f"trainable parameters: {m['trainable_params']:,} of {m['total_params']:,}; "
           f"training time {m['train_time_s']:.1f} s")
     if result.checkpoint is not None:
@@ -328,7 +375,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         budget=args.budget, output_dir=args.out, seeds=tuple(args.seeds),
         batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
         limit_per_class=args.limit_per_class, strategy_options=None, quiet=args.quiet,
-        strict=args.strict,
+        strict=args.strict, keep=args.keep, patience=args.patience,
     )
     print(format_table(result))
     print("\n" + "\n".join(result.summary["lines"]))
@@ -427,6 +474,13 @@ def cmd_lr_find(args: argparse.Namespace) -> None:
         p.add_argument("--strict", action="store_true",
                        help="refuse image files that do not decode (default: skip and count)")
 
+    def keep_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--keep", choices=("best", "last"), default="best",
+                       help="which epoch the checkpoint holds: the best by validation "
+                       "accuracy (ties: lower val loss, then the earlier epoch) or the last")
+        p.add_argument("--patience", type=int, metavar="N",
+                       help="stop after N epochs without a better validation accuracy")
+
     p = sub.add_parser("plan", help="dry run: what a strategy trains on a backbone")
     p.add_argument("backbone")
     p.add_argument("strategy")
@@ -444,7 +498,7 @@ def cmd_lr_find(args: argparse.Namespace) -> None:
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="strategy option")
     p.add_argument("--weights", default="default", help="weights tag, path, or 'none'")
     p.add_argument("--out", help="checkpoint directory (new, empty, or a zoo checkpoint with "
-                   "--overwrite)")
+                   "--overwrite; default: a new folder runs/BACKBONE-STRATEGY-DATE-TIME)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the zoo checkpoint already in --out")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted run")
@@ -455,6 +509,7 @@ def cmd_lr_find(args: argparse.Namespace) -> None:
     p.add_argument("--augment", action="store_true")
     p.add_argument("--no-cache", action="store_true", help="never cache frozen features")
     common_training(p)
+    keep_args(p)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="accuracy of a checkpoint on a dataset, per class too")
@@ -505,6 +560,7 @@ def cmd_lr_find(args: argparse.Namespace) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--budget", type=float, help="wall-clock seconds per run")
     common_training(p)
+    keep_args(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="the built-in comparison (runs offline in minutes)")

@@ -7,7 +7,8 @@ transfer learning must beat) on the same data, epochs, seeds and augmentation, o
 a sweep that dies resumes at the first unfinished run.
 
 What is measured, per run:
-- best and final validation accuracy (the final one belongs to the checkpoint kept);
+- the kept checkpoint's validation accuracy and the epoch it came from (``keep="best"``,
+  the default: the best epoch; ``keep="last"``: the last), the best and the last epoch's;
 - time to reach the target accuracy: by default the best accuracy that ``scratch`` reached
   on the same backbone and seed, so "how many times faster than scratch" is answered;
   times are cumulative training time (``history[i]["time_s"]``: epochs, feature
@@ -57,8 +58,9 @@ RESULTS_CSV = "results.csv"
 REPORT_MD = "report.md"
 PLOTS = ("accuracy_vs_epoch.png", "accuracy_vs_time.png", "accuracy_vs_trainable_params.png")
 CSV_FIELDS = (
-    "run", "backbone", "strategy", "seed", "baseline", "weights", "epochs", "best_accuracy",
-    "final_accuracy", "target_accuracy", "time_to_target_s", "speedup_vs_scratch",
+    "run", "backbone", "strategy", "seed", "baseline", "weights", "epochs", "kept_accuracy",
+    "kept_epoch", "best_accuracy", "last_accuracy", "keep", "stopped_early", "target_accuracy",
+    "time_to_target_s", "speedup_vs_scratch",
     "delta_vs_scratch_points", "chance_accuracy", "epoch_time_s", "train_time_s", "wall_time_s",
     "trainable_params", "total_params", "peak_memory_mb", "peak_memory_abs_mb",
     "memory_kind", "checkpoint_bytes", "stopped_by_budget",
@@ -315,8 +317,12 @@ def _run_one(backbone: str, strategy: str, seed: int, run_dir: Path, settings: d
         "weights": (result.config.get("weights") or {}).get("tag"),
         "settings": settings,
         "epochs": len(history),
+        "kept_accuracy": result.metrics["val_accuracy"],  # the checkpoint's
+        "kept_epoch": result.metrics["kept_epoch"],
         "best_accuracy": max(accuracies),
-        "final_accuracy": accuracies[-1],
+        "last_accuracy": accuracies[-1],
+        "keep": result.metrics["keep"],
+        "stopped_early": result.metrics["stopped_early"],
         "chance_accuracy": result.metrics.get("chance_accuracy"),
         "epoch_time_s": statistics.mean(h["epoch_time_s"] for h in history),
         "train_time_s": history[-1]["time_s"],
@@ -354,6 +360,8 @@ def compare(
     builder_kwargs: Mapping[str, Any] | None = None,
     quiet: bool = False,
     resume: bool = True,
+    keep: str = "best",
+    patience: int | None = None,
     **finetune_kwargs: Any,
 ) -> ComparisonResult:
     """Fine-tune every backbone x strategy x seed (plus ``scratch``) and write the report.
@@ -366,12 +374,18 @@ def compare(
     on the same backbone and seed. ``image_size``, ``weights`` and ``builder_kwargs`` apply
     to every backbone, or per backbone when given as a mapping keyed by backbone name;
     ``strategy_options`` maps a strategy name to its options. Other keyword arguments go to
-    ``finetune`` (``device``, ``augment``, ``callbacks``...). With ``resume`` a run whose
+    ``finetune`` (``device``, ``augment``, ``callbacks``...). ``keep`` and ``patience`` are
+    ``finetune``'s: each run keeps (and the report ranks) its best epoch by validation
+    accuracy, or with ``keep="last"`` its last; the report says which epoch each kept.
+    With ``resume`` a run whose
     ``record.json`` exists with the same settings is not run again. Prints one line per run
     unless ``quiet``; ``format_table(result)`` gives the table to print at the end.
     """
     if isinstance(backbones, str) or not backbones:
         raise ZooError("compare needs a list of one or more backbones")
+    from zoo.validate import check_arguments
+
+    check_arguments({"keep": keep, "patience": patience})
     if isinstance(strategies, str):
         raise ZooError("pass strategies as a list, e.g. ['linear_probe', 'full']")
     if not isinstance(epochs, int) or epochs < 1:
@@ -400,7 +414,8 @@ def compare(
                {b: _for_backbone(weights, b, names, "default") for b in names})
 
     common = {"epochs": epochs, "batch_size": batch_size, "lr": lr,
-              "limit_per_class": limit_per_class, **finetune_kwargs}
+              "limit_per_class": limit_per_class, "keep": keep, "patience": patience,
+              **finetune_kwargs}
     from zoo.runner import resolve_device
 
     settings = {
@@ -417,6 +432,8 @@ def compare(
         "lr": lr,
         "image_size": image_size,
         "limit_per_class": limit_per_class,
+        "keep": keep,
+        "patience": patience,
         "weights": weights,
         "strategy_options": options_by_strategy,
         "builder_kwargs": builder_kwargs,
@@ -458,8 +475,9 @@ def compare(
         write_json_atomic(run_dir / RECORD_FILE, record)
         records.append(record)
         if not quiet:
-            print(f"{label}: {record['final_accuracy']:.1%} final, {record['best_accuracy']:.1%}"
-                  f" best, {record['train_time_s']:.1f} s", flush=True)
+            print(f"{label}: {record['kept_accuracy']:.1%} kept (epoch {record['kept_epoch']}),"
+                  f" {record['best_accuracy']:.1%} best, {record['train_time_s']:.1f} s",
+                  flush=True)
     settings["sweep_wall_time_s"] = time.perf_counter() - started
     return write_report(records, out, settings=settings, target_accuracy=target_accuracy)
 
@@ -500,7 +518,7 @@ def derive(records: Sequence[Mapping[str, Any]], target_accuracy: float | None =
             else None
         row["speedup_vs_scratch"] = base_time / row["time_to_target_s"] \
             if base_time and row["time_to_target_s"] else None
-        row["delta_vs_scratch_points"] = 100 * (r["final_accuracy"] - base["final_accuracy"]) \
+        row["delta_vs_scratch_points"] = 100 * (r["kept_accuracy"] - base["kept_accuracy"]) \
             if base is not None else None
         derived.append(row)
     return derived
@@ -518,7 +536,7 @@ def _stats(values: Sequence[float | None], digits: int) -> tuple[float | None, f
 
 def table_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per backbone x strategy, over seeds, rounded exactly as the report shows it,
-    sorted by final accuracy (best first)."""
+    sorted by the kept checkpoints' accuracy (best first)."""
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["backbone"], r["strategy"]), []).append(r)
@@ -527,7 +545,7 @@ def table_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"backbone": backbone, "strategy": strategy,
                                "baseline": strategy == SCRATCH, "seeds": len(rs)}
         for key, field, scale, digits in (
-            ("final_accuracy", "final_accuracy", 100, 1),
+            ("kept_accuracy", "kept_accuracy", 100, 1),
             ("best_accuracy", "best_accuracy", 100, 1),
             ("delta_points", "delta_vs_scratch_points", 1, 1),
             ("time_to_target_s", "time_to_target_s", 1, 1),
@@ -542,8 +560,9 @@ def table_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             row[key], row[key + "_std"], count = _stats(values, digits)
             if key == "time_to_target_s":
                 row["reached"] = count
-        finals = [100 * r["final_accuracy"] for r in rs]
-        row["final_accuracy_range"] = round(max(finals) - min(finals), 1)
+        kept = [100 * r["kept_accuracy"] for r in rs]
+        row["kept_accuracy_range"] = round(max(kept) - min(kept), 1)
+        row["kept_epochs"] = sorted({r["kept_epoch"] for r in rs})
         row["chance_accuracy"] = _stats([r.get("chance_accuracy") and 100 * r["chance_accuracy"]
                                          for r in rs], 1)[0]
         row["target_accuracy"] = _stats([r["target_accuracy"] and 100 * r["target_accuracy"]
@@ -552,7 +571,7 @@ def table_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         row["total_params"] = max(r["total_params"] for r in rs)
         row["epochs"] = max(r["epochs"] for r in rs)
         rows.append(row)
-    rows.sort(key=lambda r: (-(r["final_accuracy"] or 0), -(r["best_accuracy"] or 0),
+    rows.sort(key=lambda r: (-(r["kept_accuracy"] or 0), -(r["best_accuracy"] or 0),
                              r["time_to_target_s"] if r["time_to_target_s"] is not None
                              else math.inf))
     for rank, row in enumerate(rows, 1):
@@ -585,7 +604,7 @@ def _cells(row: Mapping[str, Any]) -> list[str]:
     return [
         str(row["rank"]), row["backbone"],
         row["strategy"] + (" (baseline)" if row["baseline"] else ""),
-        _pm(row["final_accuracy"], row["final_accuracy_std"], 1),
+        _pm(row["kept_accuracy"], row["kept_accuracy_std"], 1), _epochs(row),
         _pm(row["best_accuracy"], row["best_accuracy_std"], 1),
         delta, reach, speed,
         _pm(row["epoch_time_s"], row["epoch_time_s_std"], 2),
@@ -596,7 +615,14 @@ def _cells(row: Mapping[str, Any]) -> list[str]:
     ]
 
 
-HEADERS = ("#", "backbone", "strategy", "final acc %", "best acc %", "vs scratch (pts)",
+def _epochs(row: Mapping[str, Any]) -> str:
+    """The epoch(s) the kept checkpoints came from: "3", or "2-4" over seeds."""
+    low, high = row["kept_epochs"][0], row["kept_epochs"][-1]
+    return str(low) if low == high else f"{low}-{high}"
+
+
+HEADERS = ("#", "backbone", "strategy", "kept acc %", "kept epoch", "best acc %",
+           "vs scratch (pts)",
            "time to target (s)", "speed-up", "s/epoch", "trainable params", "total params",
            "peak mem +MB", "peak mem MB", "checkpoint MB")
 
@@ -604,7 +630,7 @@ HEADERS = ("#", "backbone", "strategy", "final acc %", "best acc %", "vs scratch
 def _headers(summary: Mapping[str, Any]) -> list[str]:
     headers = list(HEADERS)
     target = summary.get("target_accuracy")
-    headers[6] = "time to scratch best (s)" if target is None else \
+    headers[7] = "time to scratch best (s)" if target is None else \
         f"time to {100 * target:.1f}% (s)"
     return headers
 
@@ -618,13 +644,13 @@ def _speed_phrase(speedup: float, std: float | None) -> str:
 
 def _tied_with(top: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
                ) -> list[Mapping[str, Any]]:
-    """The rows whose final accuracy is within the seed-to-seed spread of ``top``'s.
+    """The rows whose kept accuracy is within the seed-to-seed spread of ``top``'s.
 
     The spread of a pair is the larger of their ranges over seeds (max - min); a lead that
     does not exceed it could be a lucky seed, so such rows are tied with ``top``.
     """
-    return [r for r in rows if r is top or top["final_accuracy"] - r["final_accuracy"]
-            <= max(top["final_accuracy_range"], r["final_accuracy_range"])]
+    return [r for r in rows if r is top or top["kept_accuracy"] - r["kept_accuracy"]
+            <= max(top["kept_accuracy_range"], r["kept_accuracy_range"])]
 
 
 def _ranking_line(backbone: str, mine: Sequence[Mapping[str, Any]],
@@ -632,11 +658,11 @@ def _ranking_line(backbone: str, mine: Sequence[Mapping[str, Any]],
     """The sentence that names the winner, the tie, or says one seed cannot rank."""
     top = mine[0]
     if top["seeds"] < 2:
-        return (f"`{backbone}`: `{top['strategy']}` ranked first with {acc(top)} final "
-                "accuracy (one seed: the ranking is not significant; run more seeds)"), top
+        return (f"`{backbone}`: `{top['strategy']}` ranked first with {acc(top)} accuracy "
+                "(one seed: the ranking is not significant; run more seeds)"), top
     tied = _tied_with(top, mine)
     if len(tied) == 1:
-        return f"`{backbone}`: **`{top['strategy']}` won** with {acc(top)} final accuracy", top
+        return f"`{backbone}`: **`{top['strategy']}` won** with {acc(top)} accuracy", top
     cheapest = sorted(tied, key=lambda r: r["train_time_s"] or math.inf)
     names = ", ".join(f"`{r['strategy']}` ({acc(r)}, {_pm(r['train_time_s'], None, 1)} s)"
                       for r in cheapest)
@@ -670,8 +696,10 @@ def _versus_scratch(win: Mapping[str, Any], base: Mapping[str, Any], acc: Any) -
 def summary_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """The generated sentences: the winner (only when its lead beats the spread over seeds,
     else the tie, cheapest first), the chance level, its gain over scratch and its speed."""
-    def acc(row: Mapping[str, Any], key: str = "final_accuracy") -> str:
-        return _pm(row[key], row[key + "_std"], 1) + "%"
+    def acc(row: Mapping[str, Any], key: str = "kept_accuracy") -> str:
+        """The kept checkpoints' accuracy and the epoch(s) it came from."""
+        return (_pm(row[key], row[key + "_std"], 1) + "%"
+                + f" (kept epoch{'s' if len(row['kept_epochs']) > 1 else ''} {_epochs(row)})")
 
     scratch = {r["backbone"]: r for r in rows if r["baseline"]}
     contenders = [r for r in rows if not r["baseline"]]
@@ -687,17 +715,17 @@ def summary_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
                      f"{chance:.1f}%.")
     if top["baseline"]:
         lines.append(f"Training `{top['backbone']}` from scratch ranked first "
-                     f"({acc(top)} final accuracy): no transfer run beat it.")
+                     f"({acc(top)} accuracy): no transfer run beat it.")
     elif len(backbones) > 1:
         lines.append(f"Highest overall: `{top['backbone']}` + `{top['strategy']}`, {acc(top)} "
-                     "final accuracy.")
+                     "accuracy.")
     for backbone in backbones:
         mine = [r for r in contenders if r["backbone"] == backbone]
         base = scratch.get(backbone)
         if not mine:
             if base is not None:
                 lines.append(f"`{backbone}` (scratch only, a reference from random "
-                             f"initialisation): {acc(base)} final accuracy.")
+                             f"initialisation): {acc(base)} accuracy.")
             continue
         text, chosen = _ranking_line(backbone, mine, acc)
         if base is not None:
@@ -741,7 +769,7 @@ def write_report(records: Sequence[Mapping[str, Any]], output_dir: str | os.Path
     rows = table_rows(derived)
     summary = {"table": rows, "lines": summary_lines(rows), "target_accuracy": target_accuracy,
                "winner": next(({"backbone": r["backbone"], "strategy": r["strategy"],
-                                "final_accuracy": r["final_accuracy"]} for r in rows), None)}
+                                "kept_accuracy": r["kept_accuracy"]} for r in rows), None)}
     info = machine()
     write_json_atomic(out / RESULTS_JSON, {"settings": dict(settings or {}), "machine": info,
                                            "summary": summary, "records": derived})
@@ -767,6 +795,10 @@ def _write_csv(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
+_KEPT = {"best": "each run's best epoch by validation accuracy",
+         "last": "each run's last epoch"}
+
+
 def _markdown(summary: Mapping[str, Any], settings: Mapping[str, Any],
               info: Mapping[str, Any]) -> str:
     target = "scratch's best accuracy on the same backbone and seed" \
@@ -782,7 +814,9 @@ def _markdown(summary: Mapping[str, Any], settings: Mapping[str, Any],
         *[f"- {line}" for line in summary["lines"]], "",
         "## Results", "",
         format_table(summary, markdown=True), "",
-        f"Sorted by final validation accuracy (the checkpoint kept). `scratch` (baseline) "
+        f"Sorted by the validation accuracy of the checkpoint each run kept (keep="
+        f"{settings.get('keep', 'best')}: {_KEPT.get(settings.get('keep', 'best'), '')}; "
+        "'kept epoch' says which). `scratch` (baseline) "
         f"trains the same network from random initialisation. Target accuracy: {target}; "
         "times are cumulative training time at the end of the first epoch reaching it. "
         "Peak memory is " + ("CUDA max allocated" if cuda else "process RSS")
@@ -795,7 +829,9 @@ def _markdown(summary: Mapping[str, Any], settings: Mapping[str, Any],
         f"- data: train `{json.dumps(settings.get('train'), default=str)}`, val "
         f"`{json.dumps(settings.get('val') or 'its validation split', default=str)}`, "
         f"{settings.get('limit_per_class') or 'all'} labels per class",
-        f"- epochs: {settings.get('epochs')}, budget per run: "
+        f"- epochs: {settings.get('epochs')}, kept: {settings.get('keep', 'best')} epoch"
+        f"{', patience ' + str(settings['patience']) if settings.get('patience') else ''}"
+        ", budget per run: "
         f"{budget}, seeds: {seeds}, batch size: "
         f"{settings.get('batch_size')}, lr: {settings.get('lr')}, image size: "
         f"{json.dumps(settings.get('image_size'), default=str)}, weights: "
@@ -854,14 +890,14 @@ def _plot_params(rows: Sequence[Mapping[str, Any]], path: Path,
                  colours: Mapping[tuple[str, str], Any]) -> None:
     figure, ax = _figure()
     for row in rows:
-        ax.errorbar(row["trainable_params"], row["final_accuracy"],
-                    yerr=row["final_accuracy_std"] or 0,
+        ax.errorbar(row["trainable_params"], row["kept_accuracy"],
+                    yerr=row["kept_accuracy_std"] or 0,
                     marker="s" if row["baseline"] else "o", linestyle="none", capsize=3,
                     color=colours[(row["backbone"], row["strategy"])],
                     label=f"{row['backbone']} + {row['strategy']}")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("final validation accuracy (%)")
+    ax.set_ylabel("validation accuracy of the kept checkpoint (%)")
     ax.set_title("Accuracy vs trainable parameters (squares: scratch)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))

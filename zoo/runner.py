@@ -14,9 +14,11 @@ What it guarantees, for every backbone and strategy:
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -278,6 +280,153 @@ class Batches:
             yield idx, images, labels
 
 
+# --------------------------------------------------------------------------- the kept epoch
+
+KEEP_CHOICES = ("best", "last")
+
+
+def changing_tensors(model: nn.Module, state: FreezeState, plans: Sequence[Plan]) -> list[str]:
+    """The state-dict names a run can change: parameters that train in some epoch's plan,
+    and buffers of modules that run in train mode in some epoch (BatchNorm statistics)."""
+    names = [n for n, _ in model.named_parameters()
+             if any(p[state.owner[n]].trainable and selects(p[state.owner[n]].only, n)
+                    for p in plans)]
+    modules = dict(model.named_modules())
+    for name, _ in model.named_buffers():
+        path = name.rpartition(".")[0]
+        group = state.module_owner.get(path)
+        if group is None or any(
+                not (p[group].fully_frozen or (isinstance(modules[path], _BatchNorm)
+                                               and p[group].bn_mode == "eval"))
+                for p in plans):
+            names.append(name)
+    return names
+
+
+class BestEpoch:
+    """Which epoch's weights a run keeps, and when ``patience`` stops it.
+
+    Epochs rank by validation accuracy, ties broken by the lower validation loss; on a full
+    tie the earlier epoch stays. With ``keep="best"`` each improvement stores a CPU copy of
+    the tensors the run can change (``changing_tensors``; frozen ones never move), and
+    ``restore`` puts them back at the end. ``patience=N`` stops the run after N epochs in a
+    row without improvement. Without validation data the last epoch is kept.
+    """
+
+    def __init__(self, keep: str, patience: int | None, names: Sequence[str],
+                 has_val: bool) -> None:
+        self.keep = keep if has_val else "last"
+        self.note = None if has_val or keep == "last" else \
+            "no validation data: kept the last epoch (keep='best' needs val)"
+        self.patience = patience
+        self.names = list(names) if self.keep == "best" else []
+        self.epoch: int | None = None  # 0-based index of the best epoch so far
+        self.score: tuple[float, float] | None = None
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.stopped_early = False
+
+    def _improves(self, epoch: int, record: Mapping[str, Any]) -> bool:
+        """Whether ``epoch`` beats the best so far (then it becomes the best); also decides
+        ``stopped_early``."""
+        if "val_accuracy" not in record:
+            return False
+        score = (record["val_accuracy"], -record["val_loss"])
+        better = self.score is None or score > self.score
+        if better:
+            self.epoch, self.score = epoch, score
+        self.stopped_early = self.patience is not None and epoch - self.epoch >= self.patience
+        return better
+
+    def update(self, model: nn.Module, epoch: int, record: Mapping[str, Any]) -> bool:
+        """Note ``epoch``'s record, copying the weights when it improves; True when the run
+        should stop (``patience`` epochs without improvement)."""
+        if self._improves(epoch, record) and self.names:
+            state = model.state_dict()
+            self.tensors = {n: state[n].detach().to("cpu", copy=True) for n in self.names}
+        return self.stopped_early
+
+    def restore(self, model: nn.Module) -> None:
+        """Put the kept epoch's tensors back into ``model`` (in place: same parameters)."""
+        state = model.state_dict()
+        with torch.no_grad():
+            for name, tensor in self.tensors.items():
+                state[name].copy_(tensor)
+
+    def kept(self, history: Sequence[Mapping[str, Any]]) -> int:
+        """The index in ``history`` of the epoch kept."""
+        return self.epoch if self.keep == "best" and self.epoch is not None else len(history) - 1
+
+    def summary(self, history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """What metrics.json records about the choice."""
+        info: dict[str, Any] = {
+            "keep": self.keep, "kept_epoch": history[self.kept(history)]["epoch"],
+            "last_val_accuracy": history[-1].get("val_accuracy"),
+            "patience": self.patience, "stopped_early": self.stopped_early}
+        if self.note:
+            info["keep_note"] = self.note
+        return info
+
+    def state(self) -> dict[str, Any] | None:
+        """The best-so-far for the resume state (only when copies are kept)."""
+        return {"epoch": self.epoch, "tensors": self.tensors} if self.tensors else None
+
+    def load(self, saved: Any, model: nn.Module, history: Sequence[Mapping[str, Any]],
+             where: Path) -> None:
+        """Continue from a resume state: replay the history's scores, then take the saved
+        copy of the best epoch; without one (saved with keep='last', or by an older zoo) the
+        resumed weights, the last epoch's, count as the best so far."""
+        for epoch, record in enumerate(history):
+            self._improves(epoch, record)
+        if not self.names or self.epoch is None:
+            return
+        if not (isinstance(saved, dict) and saved.get("epoch") == self.epoch):
+            print(f"zoo: {where} holds no copy of the best epoch's weights; the resumed ones "
+                  f"(epoch {len(history)}) count as the best so far", file=sys.stderr)
+            self.score = None
+            self.update(model, len(history) - 1, history[-1])
+            return
+        own, tensors = model.state_dict(), saved["tensors"]
+        if set(tensors) != set(self.names) or any(
+                t.shape != own[n].shape or t.dtype != own[n].dtype for n, t in tensors.items()):
+            raise ZooError(f"{where} does not fit this run (its copy of the best epoch holds "
+                           "other tensors); delete it to start again")
+        self.tensors = dict(tensors)
+
+
+def rank_share(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's part of an epoch's sample order. As ``DistributedSampler`` does, the order
+    is padded by repeating its start until every rank gets as many samples (so as many
+    batches), then rank r takes every world-th sample from r: each sample is seen each epoch."""
+    if world <= 1:
+        return order
+    pad = (-len(order)) % world
+    if pad:
+        order = torch.cat([order, order.repeat(math.ceil(pad / len(order)))[:pad]])
+    return order[rank::world]
+
+
+def all_reduce_sums(values: Sequence[float], world: int, dev: torch.device) -> list[float]:
+    """The sums of ``values`` over all ranks (float64, one collective); as-is without DDP."""
+    if world <= 1:
+        return [float(v) for v in values]
+    import torch.distributed as dist
+
+    totals = torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev)
+    dist.all_reduce(totals)
+    return totals.tolist()
+
+
+def sync_buffers(model: nn.Module, world: int) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics), as DDP does before each
+    forward: after an epoch each rank's last batch moved its own copy."""
+    if world <= 1:
+        return
+    import torch.distributed as dist
+
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 # --------------------------------------------------------------------------- finetune
 
 
@@ -317,6 +466,8 @@ def finetune(
     image_size: int | None = None,
     keep_head: bool = False,
     overwrite: bool = False,
+    keep: str = "best",
+    patience: int | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``backbone`` with ``strategy`` on ``train``; evaluate on ``val`` each epoch.
 
@@ -335,6 +486,13 @@ def finetune(
     the input resolution (e.g. 64 for a quick run; a ViT also needs
     ``builder_kwargs={"image_size": 64}``). ``output_dir`` must be new, empty, the run being
     resumed, or (with ``overwrite=True``) an earlier zoo checkpoint: checked before training.
+    ``keep="best"`` returns and saves the epoch with the best validation accuracy (ties: the
+    lower validation loss, then the earlier epoch; without validation data, the last), and
+    ``keep="last"`` the last; ``patience=N`` stops after N epochs without improvement.
+    metrics["kept_epoch"] says which epoch it is; the other metrics are that epoch's.
+    Under ``torchrun`` every rank trains on its share of every sample (padded as
+    ``DistributedSampler`` pads), validates its share of the validation data, and reports
+    the metrics summed over all ranks; rank 0's BatchNorm statistics go to every rank.
     Returns the model, its per-epoch history and metrics, and the checkpoint.
     """
     check_arguments(locals())  # every argument, before anything is built or loaded
@@ -364,6 +522,9 @@ def finetune(
     _check_labels(train_data, classes, "training")
     if val_data is not None:
         _check_labels(val_data, classes, "validation")
+    elif patience is not None:
+        raise ZooError("patience stops a run when its validation accuracy stops improving, "
+                       "so it needs validation data: pass val (--val)")
 
     base_weights = weights if strat.pretrained else None
     # The optimizer below imports torch._dynamo (~1 s) anyway; importing it first lets
@@ -405,16 +566,18 @@ def finetune(
     stages = list(resolve_callable(spec.stages)(model)) if spec.stages else None
 
     run = Run(spec, strat, model, optimizer, sched, names, epochs, dev)
+    keeper = BestEpoch(keep, patience, changing_tensors(model, state, plans), val_data is not None)
     out = Path(output_dir) if output_dir is not None else None
     config = _run_config(spec, strat, base_info, classes, train_data, transform, builder_kwargs,
                          dict(epochs=epochs, batch_size=batch_size, lr=lr,
                               weight_decay=weight_decay, seed=seed, augment=augment,
                               scheduler=scheduler if isinstance(scheduler, str | None)
-                              else "custom", limit_per_class=limit_per_class))
+                              else "custom", limit_per_class=limit_per_class,
+                              keep=keeper.keep, patience=patience))
     model.zoo_config = config  # type: ignore[assignment]
     start_epoch = 0
     if resume is not None:
-        start_epoch = _restore(Path(resume), run, config)
+        start_epoch = _restore(Path(resume), run, config, keeper)
         out = out or Path(resume)
 
     store = feature_store if feature_store is not None else (
@@ -506,41 +669,22 @@ def finetune(
                 cb.on_epoch_start(run, epoch)
             model.train()
             generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            order = torch.randperm(len(train_data), generator=generator)
-            if world > 1:
-                per_rank = len(order) // world
-                order = order[rank * per_rank:(rank + 1) * per_rank]
+            order = rank_share(torch.randperm(len(train_data), generator=generator), rank, world)
             aug_gen = torch.Generator(device=dev if dev.type == "cuda" else "cpu")
             aug_gen.manual_seed(seed * 7_919 + epoch)
-            loss_sum = torch.zeros((), device=dev)
-            correct = torch.zeros((), device=dev, dtype=torch.long)
-            seen = 0
             progress = _progress(len(order), batch_size, f"epoch {epoch + 1}/{epochs}",
                                  quiet or rank != 0)
-            for idx, images, labels in train_batches(order):
-                labels = labels.to(dev, non_blocking=True)
-                if train_feats is not None:
-                    feats = train_feats[idx].to(dev, non_blocking=True)
-                else:
-                    feats = split.features(to_input(images, aug_gen))
-                with autocast():
-                    logits = wrapped(feats)
-                    loss = nn.functional.cross_entropy(logits.float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                loss_sum += loss.detach() * len(labels)
-                correct += (logits.argmax(1) == labels).sum()
-                seen += len(labels)
-                progress.update(1)
-            progress.close()
-            train_loss = float(loss_sum) / max(seen, 1)
+            sums = _train_epoch(wrapped, split, train_batches(order), train_feats,
+                                functools.partial(to_input, generator=aug_gen), autocast, optimizer,
+                                scaler, dev, progress)
+            loss_sum, correct, seen = all_reduce_sums(sums, world, dev)
+            sync_buffers(model, world)  # one model on every rank, to validate and to save
+            train_loss = loss_sum / max(seen, 1)
             _check_finite(model, epoch, {"training loss": train_loss}, out, lr, weights=False)
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "train_loss": train_loss,
-                "train_accuracy": float(correct) / max(seen, 1),
+                "train_accuracy": correct / max(seen, 1),
                 # the rates this epoch trained with, before the scheduler moves them
                 "lrs": {g["name"]: g["lr"] for g in optimizer.param_groups},
             }
@@ -548,14 +692,15 @@ def finetune(
                 sched.step()
             if val_data is not None:
                 record.update(_evaluate_split(split, val_data, val_batches, val_feats,
-                                              to_input, autocast, dev))
+                                              to_input, autocast, dev, rank, world))
             record["trainable_params"] = count_parameters(model, trainable_only=True)
             record["epoch_time_s"] = time.perf_counter() - epoch_start
             record["time_s"] = elapsed_before + time.perf_counter() - started
             _check_finite(model, epoch, {"validation loss": record.get("val_loss", 0.0)}, out, lr)
             run.history.append(record)
+            run.stop = keeper.update(model, epoch, record)  # patience ran out
             if out is not None and rank == 0:
-                _save_resume(out, run, epoch, config)
+                _save_resume(out, run, epoch, config, keeper.state())
             for cb in callbacks:
                 cb.on_epoch_end(run, epoch, record)
             if run.stop:
@@ -568,8 +713,11 @@ def finetune(
     finally:
         state.remove()
     train_time = elapsed_before + time.perf_counter() - started
+    keeper.restore(model)  # the kept epoch's weights: what is returned and saved
     model.eval()
-    metrics = _metrics(run.history, train_time, model, plans)
+    metrics = _metrics(run.history, train_time, model, plans, keeper)
+    if keeper.note and not quiet and rank == 0:
+        print(f"zoo: {keeper.note}", file=sys.stderr)
     if val_data is not None:  # the majority-class rate: what always guessing one class scores
         metrics["chance_accuracy"] = float(torch.bincount(val_data.targets).max()) / len(val_data)
     if store is not None and cacheable:
@@ -706,13 +854,44 @@ def _progress(total_items: int, batch_size: int, desc: str, disable: bool) -> An
                 leave=False, unit="batch")
 
 
+def _train_epoch(wrapped: nn.Module, split: SplitModel, batches: Iterator[Any],
+                 feats: torch.Tensor | None, to_input: Callable, autocast: Callable,
+                 optimizer: torch.optim.Optimizer, scaler: Any, dev: torch.device,
+                 progress: Any) -> tuple[float, float, float]:
+    """One optimizer step per batch; returns this rank's loss sum, correct count, samples."""
+    loss_sum = torch.zeros((), device=dev)
+    correct = torch.zeros((), device=dev, dtype=torch.long)
+    seen = 0
+    for idx, images, labels in batches:
+        labels = labels.to(dev, non_blocking=True)
+        if feats is not None:
+            x = feats[idx].to(dev, non_blocking=True)
+        else:
+            x = split.features(to_input(images))
+        with autocast():
+            logits = wrapped(x)
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+        progress.update(1)
+    progress.close()
+    return float(loss_sum), float(correct), float(seen)
+
+
 @torch.no_grad()
 def _evaluate_split(split: SplitModel, data: ImageData, batches: Batches,
                     feats: torch.Tensor | None, to_input: Callable, autocast: Callable,
-                    dev: torch.device) -> dict[str, float]:
+                    dev: torch.device, rank: int = 0, world: int = 1) -> dict[str, float]:
+    """Validation loss and accuracy; under DDP each rank scores every world-th sample and
+    the sums are added up over the ranks, so every rank reports the same numbers."""
     with eval_mode(split.model):
         loss_sum, correct = 0.0, 0
-        for idx, images, labels in batches(torch.arange(len(data))):
+        for idx, images, labels in batches(torch.arange(rank, len(data), world)):
             labels = labels.to(dev)
             x = feats[idx].to(dev) if feats is not None else split.features(to_input(images,
                                                                                      None))
@@ -720,23 +899,27 @@ def _evaluate_split(split: SplitModel, data: ImageData, batches: Batches,
                 logits = split(x).float()
             loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(1) == labels).sum())
+    loss_sum, correct = all_reduce_sums([loss_sum, correct], world, dev)
     return {"val_loss": loss_sum / len(data), "val_accuracy": correct / len(data)}
 
 
 def _metrics(history: list[dict[str, Any]], train_time: float, model: nn.Module,
-             plans: Sequence[Plan]) -> dict[str, Any]:
-    last = history[-1] if history else {}
+             plans: Sequence[Plan], keeper: BestEpoch) -> dict[str, Any]:
+    """The kept epoch's numbers (``val_accuracy`` is the returned model's), the run's totals
+    and the choice of epoch (``kept_epoch``, ``last_val_accuracy``...)."""
+    kept = history[keeper.kept(history)] if history else {}
     vals = [h["val_accuracy"] for h in history if "val_accuracy" in h]
     return {
-        "val_accuracy": last.get("val_accuracy"),
+        "val_accuracy": kept.get("val_accuracy"),
         "best_val_accuracy": max(vals) if vals else None,
-        "val_loss": last.get("val_loss"),
-        "train_accuracy": last.get("train_accuracy"),
-        "train_loss": last.get("train_loss"),
+        "val_loss": kept.get("val_loss"),
+        "train_accuracy": kept.get("train_accuracy"),
+        "train_loss": kept.get("train_loss"),
         "epochs": len(history),
         "train_time_s": train_time,
         "trainable_params": max((h["trainable_params"] for h in history), default=0),
         "total_params": count_parameters(model),
+        **(keeper.summary(history) if history else {}),
     }
 
 
@@ -762,7 +945,8 @@ def _run_config(spec: Backbone, strat: FreezeStrategy, base_info: Any, classes: 
     }
 
 
-def _save_resume(out: Path, run: Run, epoch: int, config: dict[str, Any]) -> None:
+def _save_resume(out: Path, run: Run, epoch: int, config: dict[str, Any],
+                 best: dict[str, Any] | None = None) -> None:
     from zoo.checkpoint import claim_output_dir
 
     claim_output_dir(out)  # marks the folder as a zoo run, for check_output_dir
@@ -774,6 +958,7 @@ def _save_resume(out: Path, run: Run, epoch: int, config: dict[str, Any]) -> Non
         "rng": torch.get_rng_state(),
         "history": run.history,
         "config": {k: config[k] for k in ("backbone", "num_classes", "strategy")},
+        "best": best,  # the best epoch so far and a copy of its weights (keep="best")
     }
     _atomic_torch_save(state, out / RESUME_FILE)
 
@@ -798,16 +983,34 @@ def _read_resume(path: Path) -> dict[str, Any]:
         for key, kind in _RESUME_FIELDS.items()
     ) or state["epoch"] < 0 or not all(
         isinstance(r, dict) and all(k in r for k in _RECORD_KEYS) for r in state["history"]
-    ) or not all(isinstance(t, torch.Tensor) for t in state["model"].values()):
+    ) or not all(isinstance(t, torch.Tensor) for t in state["model"].values()) or not all(
+        "val_accuracy" not in r or _numbers(r.get("val_accuracy"), r.get("val_loss"))
+        for r in state["history"]
+    ) or not _is_best_state(state.get("best")):
         raise ZooError(f"{path} is not a zoo resume state (missing or wrong fields); {fix}")
-    bad = non_finite_tensors(state["model"])
+    best = (state.get("best") or {}).get("tensors", {})
+    bad = non_finite_tensors({**state["model"], **{f"best epoch's {k}": t
+                                                   for k, t in best.items()}})
     if bad:
         raise ZooError(f"{path} holds nan/inf weights ({len(bad)} tensors, e.g. {bad[0]!r}); "
                        f"{fix}")
     return state
 
 
-def _restore(directory: Path, run: Run, config: dict[str, Any]) -> int:
+def _numbers(*values: Any) -> bool:
+    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+
+
+def _is_best_state(best: Any) -> bool:
+    """None, or {"epoch": int, "tensors": {name: tensor}} as ``BestEpoch.state`` writes."""
+    return best is None or (
+        isinstance(best, dict) and isinstance(best.get("epoch"), int)
+        and not isinstance(best["epoch"], bool) and isinstance(best.get("tensors"), dict)
+        and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                for k, t in best["tensors"].items()))
+
+
+def _restore(directory: Path, run: Run, config: dict[str, Any], keeper: BestEpoch) -> int:
     path = directory / RESUME_FILE
     if not path.is_file():
         raise ZooError(f"nothing to resume in {directory}: no {RESUME_FILE} (a run with "
@@ -834,6 +1037,7 @@ def _restore(directory: Path, run: Run, config: dict[str, Any]) -> int:
         raise ZooError(f"{path} does not fit this run ({reason}); delete it to start "
                        "again") from None
     run.history[:] = state["history"]
+    keeper.load(state.get("best"), run.model, run.history, path)
     return state["epoch"] + 1
 
 

@@ -309,6 +309,9 @@ FINETUNE_RULES: dict[str, Rule] = {
                    f"None or a whole number from 1 to {MAX_INPUT_SIDE}"),
     "callbacks": (lambda v: isinstance(v, list | tuple), "a list of Callback objects"),
     "amp": (_optional(_is_flag), "True, False or None"),
+    "keep": (lambda v: isinstance(v, str) and v in ("best", "last"), "'best' or 'last'"),
+    "patience": (_optional(_int_in(1, MAX_EPOCHS)),
+                 f"None or a whole number of epochs from 1 to {MAX_EPOCHS}"),
     "channels_last": (_optional(_is_flag), "True, False or None"),
     **{flag: (_is_flag, "True or False")
        for flag in ("augment", "strict", "cache", "quiet", "compile", "keep_head",
