@@ -119,10 +119,13 @@ def cmd_info(args: argparse.Namespace) -> None:
     if not weights:
         print("\nweights: none declared (random initialisation only)")
         return
-    rows = [("tag", "default", "source", "size", "cached", "license")]
+    datasets = {w.tag: str(w.meta.get("dataset") or "?") for w in spec.weights}
+    rows = [("tag", "default", "dataset", "resolution", "source", "size", "cached", "license")]
     for w in weights:
-        rows.append((w["tag"], "*" if w["default"] else "", w["source"], _size(w["size_bytes"]),
-                     "yes" if w["cached"] else "no", str(w.get("license") or "?")))
+        rows.append((w["tag"], "*" if w["default"] else "", datasets[w["tag"]],
+                     "x".join(map(str, w["input_size"][1:])), w["source"],
+                     _size(w["size_bytes"]), "yes" if w["cached"] else "no",
+                     str(w.get("license") or "?")))
     print("\nweights:\n" + _table(rows))
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable
-from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -55,10 +54,17 @@ def _require_timm() -> Any:
 
 
 def list_names() -> list[str]:
-    """Every architecture timm registers (imports timm)."""
+    """Every timm architecture and every ``ARCH.TAG`` of weights zoo can load, from the
+    shipped name index when it matches the installed timm (no torch import), else timm."""
     if not timm_installed():
         return []
-    return _require_timm().list_models()
+    from zoo_timm.index import timm_index
+
+    names = []
+    for arch, tags in timm_index().items():
+        names.append(arch)
+        names.extend(f"{arch}.{tag}" for tag in tags)
+    return names
 
 
 def build(arch: str, *, num_classes: int = 1000, **kwargs: Any) -> Any:
@@ -211,12 +217,35 @@ def _classifier_path(model: Any) -> str:
     return model.pretrained_cfg.get("classifier") or "head"
 
 
-def _weights_from_cfg(cfg: Any) -> zoo.Weights | None:
-    if not cfg.hf_hub_id or cfg.num_classes in (None, 0):
-        return None
+# timm tag words naming a dataset; a tag lists them from pretraining to the last fine-tune
+# ("in22k_ft_in1k": ImageNet-22k, then ImageNet-1k).
+_DATASETS = {
+    "in1k": "ImageNet-1k", "in12k": "ImageNet-12k", "in21k": "ImageNet-21k",
+    "in22k": "ImageNet-22k", "ig1b": "Instagram-1B", "ig3b": "Instagram-3B",
+    "yfcc100m": "YFCC100M", "laion2b": "LAION-2B", "laion400m": "LAION-400M",
+    "openai": "OpenAI WIT", "lvd142m": "LVD-142M", "datacomp1b": "DataComp-1B",
+    "dfn2b": "DFN-2B", "webli": "WebLI", "merged2b": "Merged-2B", "inat21": "iNaturalist 2021",
+    "jft300m": "JFT-300M", "ssl": "", "swsl": "",
+}
+
+
+def tag_datasets(tag: str, num_classes: int | None = None) -> str:
+    """The datasets a timm weights tag names, pretraining first ("ImageNet-22k > ImageNet-1k");
+    "ImageNet-1k" for an unnamed tag of a 1000-class model, else "?"."""
+    words = [_DATASETS[w] for w in tag.split("_") if _DATASETS.get(w)]
+    if not words and num_classes == 1000:
+        words = ["ImageNet-1k"]
+    return " > ".join(dict.fromkeys(words)) or "?"
+
+
+def _weights_from_cfg(cfg: Any, tag: str) -> zoo.Weights:
+    """zoo weights for a usable timm pretrained cfg (see ``index.usable``), called ``tag``."""
     categories = zoo.spec.imagenet_categories() if cfg.num_classes == 1000 else None
+    meta = {"dataset": tag_datasets(cfg.tag or "", cfg.num_classes),
+            "timm_name": f"{cfg.architecture}.{cfg.tag}", "base_model": cfg.hf_hub_id}
+    meta.update({k: getattr(cfg, k) for k in ("origin_url", "paper_ids") if getattr(cfg, k)})
     return zoo.Weights(
-        tag=cfg.tag or "default",
+        tag=tag,
         source=f"hf-hub:{cfg.hf_hub_id}",
         num_classes=cfg.num_classes,
         categories=categories,
@@ -226,7 +255,23 @@ def _weights_from_cfg(cfg: Any) -> zoo.Weights | None:
         mean=tuple(cfg.mean),
         std=tuple(cfg.std),
         license=cfg.license,
+        meta=meta,
     )
+
+
+def _hub_weights(arch: str, taken: set[str]) -> dict[str, zoo.Weights]:
+    """Every usable timm weights of ``arch``, keyed by timm tag (default first); a tag that
+    clashes with one of ``EXTRA_WEIGHTS`` is renamed ``<tag>_hub``."""
+    from timm.models import get_arch_pretrained_cfgs
+
+    from zoo_timm.index import usable
+
+    found: dict[str, zoo.Weights] = {}
+    for cfg in get_arch_pretrained_cfgs(arch).values():
+        if cfg.tag and cfg.tag not in found and usable(cfg):
+            found[cfg.tag] = _weights_from_cfg(cfg, f"{cfg.tag}_hub" if cfg.tag in taken
+                                               else cfg.tag)
+    return found
 
 
 # timm.create_model arguments a checkpoint may pass (sizes and dropout; never a file path such
@@ -234,33 +279,42 @@ def _weights_from_cfg(cfg: Any) -> zoo.Weights | None:
 CHECKPOINT_KWARGS = ("img_size", "drop_rate", "drop_path_rate")
 
 
+def split_name(name: str) -> tuple[str, str | None]:
+    """``timm/ARCH.TAG`` -> (ARCH, TAG); ``timm/ARCH`` -> (ARCH, None)."""
+    arch, dot, tag = name.removeprefix(PREFIX).partition(".")
+    return arch, (tag if dot else None)
+
+
 def resolve(name: str) -> zoo.Backbone | None:
-    """The zoo backbone for ``timm/<architecture>``, or None if timm has no such model."""
+    """The zoo backbone for ``timm/ARCH`` or ``timm/ARCH.TAG`` (the same architecture with
+    those weights as its default), or None if timm has no such model or weights."""
     timm = _require_timm()
-    arch = name.removeprefix(PREFIX)
-    if "." in arch or not timm.is_model(arch):
+    arch, tag = split_name(name)
+    if not arch or not timm.is_model(arch):
         return None
     from zoo.spec import resolve_callable
 
+    extra = [resolve_callable(ref) for ref in EXTRA_WEIGHTS.get(arch, ())]
+    hub = _hub_weights(arch, {w.tag for w in extra})
+    weights = [*extra, *hub.values()]
+    if tag is not None and tag not in hub:
+        return None
+    default = hub[tag] if tag is not None else (weights[0] if weights else None)
     cfg = timm.get_pretrained_cfg(arch)
     classifier = cfg.classifier if isinstance(cfg.classifier, str) else "head"
-    extra = [resolve_callable(ref) for ref in EXTRA_WEIGHTS.get(arch, ())]
-    declared = [w for w in (_weights_from_cfg(cfg),) if w is not None]
-    taken = {w.tag for w in extra}
-    weights = [*extra, *(replace(w, tag=f"{w.tag}_hub") if w.tag in taken else w
-                         for w in declared)]
+    source = default or cfg
     return zoo.Backbone(
-        name=PREFIX + arch,
+        name=PREFIX + arch + (f".{tag}" if tag is not None else ""),
         builder=partial(build, arch),
         groups=partial(_derive_for, classifier),
         head=classifier,
-        num_classes=cfg.num_classes or 1000,
+        num_classes=(default.num_classes if default else cfg.num_classes) or 1000,
         weights=tuple(weights),
-        default_weights=weights[0].tag if weights else None,
-        input_size=tuple(cfg.input_size),
-        mean=tuple(cfg.mean),
-        std=tuple(cfg.std),
-        description=f"timm {arch}",
+        default_weights=default.tag if default else None,
+        input_size=tuple(source.input_size),
+        mean=tuple(source.mean),
+        std=tuple(source.std),
+        description=f"timm {arch}" + (f" with its {tag} weights" if tag else ""),
         stages=stages,
         export_config=export_config,
         checkpoint_kwargs=CHECKPOINT_KWARGS,
@@ -284,7 +338,7 @@ def export_config(config: dict[str, Any]) -> dict[str, Any]:
     if config.get("prepared"):
         return {}
     timm = _require_timm()
-    arch = config["backbone"].removeprefix(PREFIX)
+    arch, _ = split_name(config["backbone"])
     source = timm.get_pretrained_cfg(arch)
     known = source.to_dict(remove_source=True) if source is not None else {}
     cfg = {k: known[k] for k in _ARCH_CFG_KEYS if k in known}
