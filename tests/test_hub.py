@@ -420,7 +420,7 @@ def test_model_card_follows_hub_conventions() -> None:
     weights = zoo.get_backbone("timm/resnet18").weights[0]
     config = {"backbone": "timm/resnet18", "kind": "delta", "num_classes": 3,
               "weights": {"tag": weights.tag, "sha256": "ab" * 32, "source": weights.source},
-              "class_names": ["cat", "dog", "bird"], "dataset": "pets",
+              "class_names": ["cat", "dog", "bird"], "dataset": "hf:user/pets",
               "strategy": {"name": "lora", "options": {"rank": 4}},
               "preprocessing": {"input_size": [3, 224, 224], "mean": [0.5] * 3, "std": [0.5] * 3},
               "training": {"epochs": 2, "lr": 0.001}}
@@ -430,7 +430,7 @@ def test_model_card_follows_hub_conventions() -> None:
     assert data["license"] == weights.license.lower()
     assert data["base_model"] == weights.source.removeprefix("hf-hub:")
     assert {"timm-resnet18", "lora", "delta-checkpoint"} <= set(data["tags"])
-    assert data["datasets"] == ["pets"] and data["metrics"] == ["accuracy"]
+    assert data["datasets"] == ["user/pets"] and data["metrics"] == ["accuracy"]  # Hub id
     assert data["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.9
     assert "| val_accuracy | 0.9000 |" in card and "feature_cache" not in card
     assert 'model = zoo.from_pretrained("hf-hub:<namespace>/<name>")' in card

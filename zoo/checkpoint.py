@@ -48,6 +48,7 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO
 import torch
 from torch import nn
 
+from zoo.card import model_card
 from zoo.errors import CheckpointError, UnknownNameError, WeightsError, ZooError
 from zoo.weights import file_sha256
 
@@ -70,6 +71,7 @@ FORMAT_VERSION = 1
 _MARKER = "COMPLETE"
 _MARKER_TEMP = re.compile(r"\.COMPLETE\.[A-Za-z0-9_]+\.tmp")  # atomic_write's temp file
 _MAX_CONFIG_BYTES = 16 * 1024 * 1024
+_DIST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a PyPI distribution name
 _READ_ATTEMPTS = 40  # a reader racing a writer retries, 50 ms apart, before calling it corrupt
 
 
@@ -414,7 +416,9 @@ def save_checkpoint(
     else:
         tensors = exported.state_dict()
     config.update(kind=kind, prepared=prepared, format_version=FORMAT_VERSION)
+    config["backbone_plugin"] = _plugin_record(config["backbone"])
     _add_export_config(config)
+    config.setdefault("architecture", _not_for_timm(config))
     _write_checkpoint(directory, _tensors_for_save(tensors), config, dict(metrics or {}),
                       history)
     return directory
@@ -441,6 +445,26 @@ def _add_export_config(config: dict[str, Any]) -> None:
         extra = resolve_callable(spec.export_config)(dict(config))
         clash = set(extra) & {"backbone", "weights", "num_classes", "kind", "strategy"}
         config.update({k: v for k, v in extra.items() if k not in clash or k == "num_classes"})
+
+
+def _plugin_record(backbone: str) -> dict[str, str | None]:
+    """The plugin that registers ``backbone`` and the distribution that ships it, so that
+    loading the checkpoint where it is missing can say what to ``pip install``."""
+    from zoo.plugins import plugin_distribution
+    from zoo.registry import get_backbone
+
+    plugin = get_backbone(backbone).plugin
+    return {"name": plugin, "distribution": plugin_distribution(plugin) if plugin else None}
+
+
+def _not_for_timm(config: Mapping[str, Any]) -> str:
+    """config.json's ``architecture`` for a checkpoint timm cannot load: timm's Hub loader
+    reads it as a model name, so ``timm.create_model("hf-hub:...")`` fails saying this
+    (``Unknown model (...)``) instead of raising ``KeyError: 'architecture'``."""
+    what = "a delta (only the changed tensors)" if config["kind"] == "delta" else \
+        "a model timm cannot load as it is"
+    return (f"zoo checkpoint of {config['backbone']}, {what}: it needs zoo, not timm; "
+            "pip install zoo, then zoo.from_pretrained('hf-hub:REPO')")
 
 
 def _config_from_model(model: nn.Module) -> dict[str, Any]:
@@ -846,12 +870,10 @@ def load_checkpoint(directory: str | os.PathLike[str], *, device: str | torch.de
     builder arguments the backbone does not declare safe, are refused; non-finite tensors
     load with a warning.
     """
-    from zoo.registry import get_backbone
-
     directory = Path(directory)
     with open_checkpoint(directory) as (config, handles):
         tensors = _read_open_tensors(handles[MODEL_FILE], directory / MODEL_FILE)
-    spec = get_backbone(config["backbone"])
+    spec = _checkpoint_backbone(config, directory)
     check_checkpoint_kwargs(spec, config.get("builder_kwargs") or {}, str(directory))
     try:
         strategy = _strategy_from_config(config) if config.get("prepared") else None
@@ -869,6 +891,26 @@ def load_checkpoint(directory: str | os.PathLike[str], *, device: str | torch.de
     model.zoo_config = config  # type: ignore[assignment]
     model.zoo_weights = config.get("weights")  # type: ignore[assignment]
     return model.to(device).eval()
+
+
+def _checkpoint_backbone(config: Mapping[str, Any], directory: Path) -> Backbone:
+    """The checkpoint's backbone; if no loaded plugin registers it, an error naming the
+    plugin config.json records and the distribution to ``pip install``."""
+    from zoo.registry import get_backbone
+
+    try:
+        return get_backbone(config["backbone"])
+    except UnknownNameError:
+        plugin = config.get("backbone_plugin")
+        if not isinstance(plugin, dict) or not isinstance(plugin.get("name"), str):
+            raise
+        dist = plugin.get("distribution")
+        fix = f"pip install {dist}" if isinstance(dist, str) and _DIST_NAME.fullmatch(dist) \
+            else "install the plugin that registers it"
+        raise CheckpointError(
+            f"checkpoint {directory} needs backbone {config['backbone']!r} from plugin "
+            f"{plugin['name']!r}, which is not loaded: {fix} (or allow it in "
+            "ZOO_LOAD_PLUGINS)") from None
 
 
 def _load_full(spec: Backbone, config: Mapping[str, Any], strategy: Any,
@@ -946,121 +988,4 @@ def _warn_non_finite(tensors: Mapping[str, torch.Tensor], directory: Path) -> No
         warnings.warn(f"checkpoint {directory} has {bad} tensors with NaN or infinite values: "
                       "its outputs will not be numbers (it was saved from a diverged run?)",
                       RuntimeWarning, stacklevel=3)
-
-
-# --------------------------------------------------------------------------- model card
-
-
-def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
-    """A Hugging Face model card (README.md): Hub YAML metadata, results, usage, training setup.
-
-    The metadata follows the Hub's conventions (``library_name``, ``pipeline_tag``,
-    ``license``, ``base_model``, ``tags``, ``datasets``, ``metrics`` and a ``model-index``
-    with the validation accuracy). The load snippet names ``hf-hub:<namespace>/<name>``,
-    which ``zoo.push_to_hub`` replaces with the repo pushed to. Built from the config and
-    metrics only, so nothing secret (such as a token) can end up in it.
-    """
-    import re
-
-    from zoo.registry import get_backbone
-
-    hub_licenses = {  # licence identifiers the Hub accepts in card metadata (common ones)
-        "apache-2.0", "mit", "bsd", "bsd-2-clause", "bsd-3-clause", "bsd-3-clause-clear", "isc",
-        "zlib", "unlicense", "cc0-1.0", "cc-by-2.0", "cc-by-3.0", "cc-by-4.0", "cc-by-sa-3.0",
-        "cc-by-sa-4.0", "cc-by-nc-2.0", "cc-by-nc-3.0", "cc-by-nc-4.0", "cc-by-nd-4.0",
-        "cc-by-nc-nd-4.0", "cc-by-nc-sa-3.0", "cc-by-nc-sa-4.0", "gpl-2.0", "gpl-3.0",
-        "lgpl-2.1", "lgpl-3.0", "agpl-3.0", "mpl-2.0", "epl-2.0", "openrail", "other"}
-    q = json.dumps  # a JSON string is a valid YAML scalar, whatever characters it holds
-    backbone = config["backbone"]
-    strategy = (config.get("strategy") or {}).get("name") or "none"
-    options = (config.get("strategy") or {}).get("options") or {}
-    weights = config.get("weights") or {}
-    license_, base_model = None, None
-    with contextlib.suppress(ZooError):
-        spec = get_backbone(backbone)
-        w = next((x for x in spec.weights if x.tag == weights.get("tag")), None)
-        if w is not None:
-            license_ = w.license
-            if w.source.startswith("hf-hub:"):
-                base_model = w.source.removeprefix("hf-hub:").split("@")[0]
-    timm_ready = "architecture" in config and "pretrained_cfg" in config
-    dataset = config.get("dataset")
-    if not (isinstance(dataset, str) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", dataset)
-            and dataset != "tensors"):
-        dataset = None
-    accuracy = metrics.get("val_accuracy")
-    title = f"{backbone} fine-tuned with {strategy}"
-
-    lines = ["---", "library_name: zoo", "pipeline_tag: image-classification"]
-    if license_:
-        hub_license = license_.lower()
-        if hub_license in hub_licenses:
-            lines.append(f"license: {hub_license}")
-        else:  # the Hub refuses unknown identifiers: "other" with a name
-            slug = re.sub(r"[^a-z0-9.-]+", "-", hub_license).strip("-")
-            lines += ["license: other", f"license_name: {q(slug)}"]
-    if base_model:
-        lines.append(f"base_model: {q(base_model)}")
-    tags = ["zoo", "image-classification", "transfer-learning", backbone.replace("/", "-"),
-            strategy, f"{config['kind']}-checkpoint"] + (["timm"] if timm_ready else [])
-    lines += ["tags:"] + [f"- {q(t)}" for t in dict.fromkeys(tags)]
-    if dataset:
-        lines += ["datasets:", f"- {q(dataset)}"]
-    lines += ["metrics:", "- accuracy"]
-    if dataset and isinstance(accuracy, int | float):
-        lines += ["model-index:", f"- name: {q(title)}", "  results:",
-                  "  - task:", "      type: image-classification",
-                  "    dataset:", f"      name: {q(dataset)}", f"      type: {q(dataset)}",
-                  "    metrics:", "    - type: accuracy", f"      value: {float(accuracy):.4f}",
-                  "      name: validation accuracy"]
-    lines += ["---", ""]
-
-    base = f"`{weights['tag']}` weights" if weights.get("tag") else "random initialisation"
-    lines += [f"# {title}", "",
-              f"A `{backbone}` image classifier ({config['num_classes']} classes) adapted from "
-              f"{base} with the `{strategy}` strategy by zoo, a plugin-based model zoo for "
-              f"transfer learning. This is a **{config['kind']}** checkpoint"
-              + (": it stores only the tensors that differ from the base weights, which zoo "
-                 "rebuilds from its registry and checks by sha256 (the plugin that declares "
-                 f"`{backbone}` must be installed)." if config["kind"] == "delta"
-                 else ": it stores every tensor."), ""]
-    rows = [(k, v) for k, v in metrics.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)]
-    if rows:
-        lines += ["## Results", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
-                  for k, v in rows]
-        lines.append("")
-    pre = config.get("preprocessing") or {}
-    lines += ["## How to load it", "", "```python", "import zoo",
-              'model = zoo.from_pretrained("hf-hub:<namespace>/<name>")  # or a local directory',
-              "```", ""]
-    if timm_ready:
-        lines += ["Or with timm alone:", "", "```python", "import timm",
-                  'model = timm.create_model("hf-hub:<namespace>/<name>", pretrained=True)',
-                  "```", ""]
-    if pre:
-        size = "x".join(map(str, pre.get("input_size", [])))
-        lines += [f"Inputs are {size} images scaled to [0, 1], then normalised with mean "
-                  f"{pre.get('mean')} and std {pre.get('std')}.", ""]
-    lines += ["## Training configuration", "",
-              f"- backbone: `{backbone}`, base weights: `{weights.get('tag') or 'random'}`"
-              + (f" (sha256 `{weights['sha256'][:16]}...`)" if weights.get("sha256") else ""),
-              f"- strategy: `{strategy}`" + (f" with {json.dumps(options)}" if options else ""),
-              f"- classes: {config['num_classes']}"
-              + (f" ({', '.join(map(str, config['class_names'][:20]))}"
-                 + (", ..." if len(config["class_names"]) > 20 else "") + ")"
-                 if config.get("class_names") else "")]
-    if config.get("dataset"):
-        lines.append(f"- dataset: `{config['dataset']}`")
-    if pre:
-        lines.append(f"- preprocessing: {json.dumps(pre)}")
-    if config.get("builder_kwargs"):
-        lines.append(f"- builder arguments: {json.dumps(config['builder_kwargs'])}")
-    training = config.get("training") or {}
-    if training:
-        lines.append("- training: " + ", ".join(f"{k}={v}" for k, v in training.items()))
-    if config.get("zoo_version"):
-        lines.append(f"- zoo version: {config['zoo_version']}")
-    return "\n".join(lines) + "\n"
 

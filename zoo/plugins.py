@@ -151,6 +151,24 @@ def check_pending(pm: pluggy.PluginManager) -> None:
         raise PluginError(f"{exc}; the hooks zoo knows are: {known}") from None
 
 
+def plugin_distribution(plugin: str) -> str | None:
+    """The distribution to ``pip install`` for the plugin registered as ``plugin``: the one
+    that declares its entry point, "zoo" for a built-in, else the distribution that ships the
+    plugin object's top-level module (None if nothing does, e.g. a test's object)."""
+    for ep in importlib.metadata.entry_points(group="zoo"):
+        if ep.name == plugin and ep.dist is not None:
+            return ep.dist.name
+    pm = get_plugin_manager()
+    if pm.config is not None and plugin in pm.config.builtin:
+        return "zoo"
+    module = getattr(pm.get_plugin(plugin), "__module__", None) or getattr(
+        pm.get_plugin(plugin), "__name__", None)
+    if not isinstance(module, str):
+        return None
+    found = importlib.metadata.packages_distributions().get(module.partition(".")[0])
+    return found[0] if found else None
+
+
 def reset() -> None:
     """Forget the loaded plugins (the next call reloads them); for tests and long sessions."""
     global _pm

