@@ -171,6 +171,27 @@ def cmd_plan(args: argparse.Namespace) -> None:
           f"({share:.2%}).")
 
 
+def _require_default_weights(backbone: str, strategy: str, options: dict[str, Any]) -> None:
+    """Refuse, in the command line's words, a pretrained run of a backbone without weights."""
+    import zoo
+    from zoo.strategies import make_strategy
+
+    spec = zoo.get_backbone(backbone)
+    if spec.default_weights is None and make_strategy(strategy, options).pretrained:
+        raise UsageError(f"backbone {spec.name!r} declares no pretrained weights: pass "
+                         "--weights none to train it from random initialisation, or "
+                         "--weights FILE")
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    from zoo.testing.checks import check_backbone
+
+    report = check_backbone(args.name, forward=not args.no_forward,
+                            image_size=args.image_size, raise_on_failure=False)
+    print(report.table())
+    report.raise_for_failures()
+
+
 def new_run_dir(backbone: str, strategy: str, root: Path = Path("runs"),
                 now: datetime.datetime | None = None) -> Path:
     """Create and return ``root/<backbone>-<strategy>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``...
@@ -192,6 +213,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     import zoo
 
     weights = None if args.weights in ("none", "random") else args.weights
+    if weights == "default":
+        _require_default_weights(args.backbone, args.strategy, _options(args.option))
     out = args.out
     if out is None and args.resume is None:  # a trained model is never thrown away
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -483,6 +506,14 @@ def cmd_lr_find(args: argparse.Namespace) -> None:
                        "accuracy (ties: lower val loss, then the earlier epoch) or the last")
         p.add_argument("--patience", type=int, metavar="N",
                        help="stop after N epochs without a better validation accuracy")
+
+    p = sub.add_parser("check", help="check a backbone plugin: groups, head, stages, weights, "
+                       "preprocessing (for plugin authors)")
+    p.add_argument("name")
+    p.add_argument("--no-forward", action="store_true",
+                   help="build on the meta device only: no forward pass (large models)")
+    p.add_argument("--image-size", type=int, help="input side for the forward pass")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("plan", help="dry run: what a strategy trains on a backbone")
     p.add_argument("backbone")

@@ -41,7 +41,7 @@ from zoo.models import (
 )
 from zoo.registry import get_backbone
 from zoo.spec import Backbone, LayerGroup, Stage, resolve_callable
-from zoo.strategies import FreezeStrategy, Plan, make_strategy, selects
+from zoo.strategies import FreezeStrategy, Plan, make_strategy, plans_for, selects
 from zoo.validate import check_arguments
 
 RESUME_FILE = "resume.pt"
@@ -556,11 +556,7 @@ def finetune(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     state = FreezeState(model, layer_groups)
-    plans = [strat.plan(e, names, epochs) for e in range(epochs)]
-    for p in plans:
-        if set(p) != set(names):
-            raise IncompatibleError(f"strategy {strat.name!r} planned groups {sorted(p)}, "
-                                    f"backbone has {names}")
+    plans = plans_for(strat, names, epochs)  # checked: a bad plan names its plugin
     optimizer = _optimizer(model, state.owner, plans, names, lr, weight_decay)
     sched = _scheduler(scheduler, optimizer, epochs)
     stages = list(resolve_callable(spec.stages)(model)) if spec.stages else None

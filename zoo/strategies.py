@@ -8,14 +8,15 @@ BatchNorm modes and the frozen prefix it may cache. ``zoo.plan`` is the dry run.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from zoo.errors import IncompatibleError
+from zoo.errors import IncompatibleError, PluginError, ZooError
 from zoo.registry import get_backbone, get_strategy
 from zoo.spec import Backbone, LayerGroup, Strategy, resolve_callable
 
@@ -27,13 +28,15 @@ class GroupPlan:
     ``trainable``: its parameters learn (all of them, or those selected by ``only``).
     ``lr_scale``: its learning rate as a multiple of the base rate (used once it trains).
     ``bn_train``: BatchNorm layers update running statistics (default: ``trainable and
-    only is None``). ``only``: a parameter selector, ``"bias"`` or ``"adapter"``.
+    only is None``). ``only``: which of the group's parameters learn: ``"bias"``,
+    ``"adapter"`` (LoRA's), or a callable taking a parameter name (as in
+    ``model.named_parameters()``) and returning True for those that learn.
     """
 
     trainable: bool
     lr_scale: float = 1.0
     bn_train: bool | None = None
-    only: str | None = None
+    only: str | Callable[[str], bool] | None = None
 
     @property
     def bn_mode(self) -> str:
@@ -51,10 +54,15 @@ class GroupPlan:
 Plan = dict[str, GroupPlan]
 
 
-def selects(only: str | None, param_name: str) -> bool:
+SELECTORS = ("bias", "adapter")
+
+
+def selects(only: str | Callable[[str], bool] | None, param_name: str) -> bool:
     """Whether a parameter called ``param_name`` trains under selector ``only``."""
     if only is None:
         return True
+    if callable(only):
+        return bool(only(param_name))
     if only == "bias":
         return param_name.rsplit(".", 1)[-1] == "bias"
     if only == "adapter":
@@ -121,7 +129,47 @@ def make_strategy(name: str | Strategy, options: Mapping[str, Any] | None = None
         raise IncompatibleError(f"strategy {spec.name!r}: {exc}") from None
     strategy.name = spec.name
     strategy._options = options
+    strategy._plugin = spec.plugin
     return strategy
+
+
+def _plan_problem(plan: Any, names: Sequence[str]) -> str | None:
+    """What is wrong with one epoch's plan for groups ``names``, or None."""
+    if not isinstance(plan, Mapping):
+        return f"returned {type(plan).__name__}, not a dict of group name -> GroupPlan"
+    if set(plan) != set(names):
+        return f"planned groups {sorted(map(str, plan))}, but the backbone has {list(names)}"
+    for group, gp in plan.items():
+        if not isinstance(gp, GroupPlan):
+            return f"planned {type(gp).__name__} for group {group!r}, not a zoo.GroupPlan"
+        if not isinstance(gp.lr_scale, int | float) or not math.isfinite(gp.lr_scale) \
+                or gp.lr_scale < 0:
+            return f"gave group {group!r} lr_scale {gp.lr_scale!r}; it must be a number >= 0"
+        if not (gp.only is None or callable(gp.only) or gp.only in SELECTORS):
+            return (f"gave group {group!r} the parameter selector only={gp.only!r}; use "
+                    f"{' or '.join(map(repr, SELECTORS))}, or a callable taking a parameter "
+                    "name")
+    return None
+
+
+def plans_for(strategy: FreezeStrategy, names: Sequence[str], epochs: int) -> list[Plan]:
+    """Every epoch's plan, checked: a strategy that fails or plans nonsense is an error
+    naming it and its plugin (a plugin bug, not an internal error of zoo)."""
+    who = f"strategy {strategy.name!r} (plugin {getattr(strategy, '_plugin', '') or '?'})"
+    plans = []
+    for epoch in range(max(1, epochs)):
+        try:
+            plan = strategy.plan(epoch, list(names), epochs)
+        except ZooError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"{who} failed in plan(epoch={epoch}): "
+                              f"{type(exc).__name__}: {exc}") from exc
+        problem = _plan_problem(plan, names)
+        if problem is not None:
+            raise PluginError(f"{who} {problem} (epoch {epoch}); fix its plan()")
+        plans.append(dict(plan))
+    return plans
 
 
 def parse_option_value(text: str) -> Any:
@@ -210,7 +258,7 @@ def plan(backbone: str | Backbone, strategy: str, options: Mapping[str, Any] | N
     strat.check(names, model, layer_groups)
     model = strat.prepare(model, layer_groups)
     owner = assign_groups(model, layer_groups, spec.name)
-    plans = [strat.plan(e, names, epochs) for e in range(max(1, epochs))]
+    plans = plans_for(strat, names, epochs)
     sizes = dict.fromkeys(names, 0)
     for pname, p in model.named_parameters():
         sizes[owner[pname]] += p.numel()
