@@ -42,6 +42,8 @@ _LAZY = {
     "GroupPlan": "zoo.strategies",
     "save_checkpoint": "zoo.checkpoint",
     "load_checkpoint": "zoo.checkpoint",
+    "export": "zoo.exporting",
+    "load_peft_adapter": "zoo.peft_interop",
     "push_to_hub": "zoo.hub",
     "pull_from_hub": "zoo.hub",
     "from_pretrained": "zoo.hub",

@@ -392,11 +392,15 @@ def save_checkpoint(
     _check_save_target(directory, [n for n in CHECKPOINT_FILES
                                    if n != HISTORY_FILE or history is not None])
     config = dict(config or getattr(model, "zoo_config", None) or _config_from_model(model))
-    if strategy is None and config.get("strategy"):
+    if strategy is not None:  # what loading needs to prepare the model the same way
+        config["strategy"] = _strategy_record(strategy)
+    elif config.get("strategy"):
         strategy = _strategy_from_config(config)
     exported = strategy.export(model) if strategy is not None else model
     names_base = set(_build_base(config, None, meta=True).state_dict())
     prepared = set(exported.state_dict()) != names_base
+    if prepared:
+        _check_rebuilds(exported, config, strategy)
     if kind != "full" and not base_is_registered(config):
         # Nobody could rebuild a random base or weights that are not a tag of the backbone
         # (a Backbone object's own weights, a local file): only a full checkpoint loads.
@@ -422,6 +426,49 @@ def save_checkpoint(
     _write_checkpoint(directory, _tensors_for_save(tensors), config, dict(metrics or {}),
                       history)
     return directory
+
+
+def _strategy_record(strategy: Any) -> dict[str, Any]:
+    """``{"name", "options"}`` for config.json: the registered name of ``strategy`` (also for
+    an instance made directly from a registered class) and its options."""
+    from zoo.registry import current
+    from zoo.spec import resolve_callable
+
+    name = getattr(strategy, "name", "")
+    for spec in current().strategies.values() if not name else ():
+        with contextlib.suppress(Exception):  # a plugin whose factory does not import
+            if resolve_callable(spec.factory) is type(strategy):
+                name = spec.name
+                break
+    if not name:
+        raise ZooError(f"strategy {type(strategy).__name__} is not a registered strategy, so a "
+                       "checkpoint could not name it: register it in a plugin, or make it with "
+                       "zoo.strategies.make_strategy(NAME, options)")
+    return {"name": name, "options": strategy.options()}
+
+
+def _check_rebuilds(model: nn.Module, config: Mapping[str, Any], strategy: Any) -> None:
+    """Refuse to save a prepared model (adapters added) that loading could not rebuild: no
+    strategy recorded, or one whose ``prepare`` makes other tensors than the model has."""
+    if strategy is None:
+        raise ZooError("the model has tensors its backbone lacks (adapters?) but no strategy "
+                       "is recorded: pass strategy= (e.g. make_strategy('lora', {'rank': 4})), "
+                       "the one that prepared it")
+    from zoo.registry import get_backbone
+
+    try:
+        rebuilt = _build_base(config, None, meta=True)
+        rebuilt = strategy.prepare(rebuilt, get_backbone(config["backbone"]).layer_groups(rebuilt))
+    except Exception:  # a strategy whose prepare needs real tensors: checked at load time
+        return
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    again = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    if own != again:
+        odd = sorted(set(own) ^ set(again)) or [k for k in own if own[k] != again[k]]
+        record = config.get("strategy") or {}
+        raise ZooError(f"strategy {record.get('name')!r} with options {record.get('options')} "
+                       f"does not rebuild this model's tensors (e.g. {odd[0]}): pass the strategy, "
+                       "with the options, that prepared the model")
 
 
 def base_is_registered(config: Mapping[str, Any]) -> bool:
@@ -988,4 +1035,3 @@ def _warn_non_finite(tensors: Mapping[str, torch.Tensor], directory: Path) -> No
         warnings.warn(f"checkpoint {directory} has {bad} tensors with NaN or infinite values: "
                       "its outputs will not be numbers (it was saved from a diverged run?)",
                       RuntimeWarning, stacklevel=3)
-

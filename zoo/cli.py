@@ -441,6 +441,13 @@ def cmd_pull(args: argparse.Namespace) -> None:
 
     path = pull_from_hub(args.repo_id, revision=args.revision, token=_hub_token(args.token),
                          endpoint=args.endpoint)
+def cmd_export(args: argparse.Namespace) -> None:
+    from zoo.exporting import export
+
+    path = export(_load_model(args.checkpoint), args.format, args.out, overwrite=args.overwrite)
+    print(f"exported {args.checkpoint} as {args.format}: {path}")
+
+
     print(path)
 
 
@@ -628,6 +635,14 @@ def cmd_lr_find(args: argparse.Namespace) -> None:
     p.set_defaults(func=cmd_doctor)
     return parser
 
+
+    p = sub.add_parser("export", help="a checkpoint as ONNX, TorchScript or a PEFT adapter")
+    p.add_argument("checkpoint", help="checkpoint directory or hf-hub:REPO")
+    p.add_argument("--format", choices=("onnx", "torchscript", "peft"), required=True)
+    p.add_argument("--out", required=True,
+                   help="file to write (for peft: the adapter folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_export)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``zoo`` command line; returns the exit status."""

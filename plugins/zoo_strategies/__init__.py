@@ -35,6 +35,8 @@ STRATEGIES = (
                           "alpha": "scaling numerator, delta = B@A * alpha/rank (default rank)",
                           "targets": "module types to adapt: linear, conv (default both)",
                           "groups": "groups to adapt (default all but head)",
+                          "modules": "only these module paths (fnmatch patterns, e.g. "
+                                     "*.mlp.*; default every Linear/Conv in the groups)",
                           "merge": "merge adapters into the weights when saving "
                                    "(default false: keep them separate)"}),
     zoo.Strategy("scratch", "zoo_strategies.builtin:Scratch",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from fnmatch import fnmatchcase
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,7 +46,8 @@ class LoRA(FreezeStrategy):
 
     def __init__(self, rank: int = 4, alpha: float | None = None,
                  targets: Sequence[str] | str = ("linear", "conv"),
-                 groups: Sequence[str] | str | None = None, merge: bool = False) -> None:
+                 groups: Sequence[str] | str | None = None, merge: bool = False,
+                 modules: Sequence[str] | str | None = None) -> None:
         if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_RANK:
             raise ValueError(f"rank must be a whole number from 1 to {MAX_RANK}, got {rank!r}")
         targets = [targets] if isinstance(targets, str) else list(targets)
@@ -56,6 +59,20 @@ class LoRA(FreezeStrategy):
         self.types = tuple(cls for t in targets for cls in _TARGETS[t])
         self.groups = [groups] if isinstance(groups, str) else groups
         self.merge = bool(merge)
+        modules = [modules] if isinstance(modules, str) else modules
+        if modules is not None and (not modules or not all(isinstance(m, str) and m
+                                                            for m in modules)):
+            raise ValueError(f"modules must be module paths or fnmatch patterns such as "
+                             f"'*.mlp.*', got {modules!r}")
+        self.modules = None if modules is None else list(modules)
+        self._settings = {"rank": rank, "alpha": self.alpha, "targets": targets,
+                          "groups": self.groups, "merge": self.merge, "modules": self.modules}
+
+    def options(self) -> dict[str, Any]:
+        """The options given to ``make_strategy``; for an instance made directly, its settings."""
+        if hasattr(self, "_options"):
+            return dict(self._options)
+        return {k: v for k, v in self._settings.items() if v is not None}
 
     def _adapted_groups(self, names: Sequence[str]) -> list[str]:
         return [g for g in names if g != "head"] if self.groups is None else list(self.groups)
@@ -65,7 +82,8 @@ class LoRA(FreezeStrategy):
             [lg.name for lg in layer_groups])]
         return [(path, m) for path, m in model.named_modules()
                 if isinstance(m, self.types) and getattr(m, "groups", 1) == 1
-                and any(g.owns(path + ".weight") for g in chosen)]
+                and any(g.owns(path + ".weight") for g in chosen)
+                and (self.modules is None or any(fnmatchcase(path, p) for p in self.modules))]
 
     def check(self, groups, model: nn.Module, layer_groups) -> None:
         bad = [g for g in self._adapted_groups(groups) if g not in groups or g == "head"]
@@ -75,6 +93,10 @@ class LoRA(FreezeStrategy):
             )
         if not self._targets(model, layer_groups):
             kinds = ", ".join(cls.__name__ for cls in self.types)
+            if self.modules is not None:
+                raise zoo.IncompatibleError(
+                    f"lora: no {kinds} layer in the adapted groups matches modules="
+                    f"{self.modules!r}; give module paths as in model.named_modules()")
             raise zoo.IncompatibleError(
                 f"lora needs {kinds} layers in the adapted groups, and this backbone has none "
                 "there; try targets=linear,conv or another strategy"
