@@ -51,11 +51,11 @@ _LAZY = {
     "ComparisonResult": "zoo.compare",
     "list_datasets": "zoo.data",
     "load_data": "zoo.data",
-}
-
     "load_run": "zoo.runfile",
     "write_run": "zoo.runfile",
     "lr_find": "zoo.lr_find",
+}
+
 __all__ = [
     "Backbone", "BackboneFamily", "CheckpointError", "DuplicateNameError", "HubError",
     "IncompatibleError",
