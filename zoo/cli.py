@@ -393,6 +393,21 @@ def cmd_weights_verify(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_lr_find(args: argparse.Namespace) -> None:
+    from zoo.lr_find import lr_find
+
+    weights = None if args.weights in ("none", "random") else args.weights
+    result = lr_find(args.backbone, args.strategy, args.data, weights=weights,
+                     strategy_options=_options(args.option), batch_size=args.batch_size,
+                     start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter,
+                     device=args.device, seed=args.seed, out=args.out,
+                     overwrite=args.overwrite, limit_per_class=args.limit_per_class,
+                     image_size=args.image_size)
+    print(f"suggested learning rate: {result.suggestion:.2e} (steepest descent; the "
+          f"minimum / 10 is {result.minimum:.2e}; {len(result.lrs)} batches)")
+    print(f"plot: {result.plot}")
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     from zoo.compare import compare, format_table
 
@@ -473,19 +488,6 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("info", help="a backbone's groups and weights, or a strategy's options")
-def cmd_lr_find(args: argparse.Namespace) -> None:
-    from zoo.lr_find import lr_find
-
-    weights = None if args.weights in ("none", "random") else args.weights
-    result = lr_find(args.backbone, args.strategy, args.data, weights=weights,
-                     strategy_options=_options(args.option), batch_size=args.batch_size,
-                     start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter,
-                     device=args.device, seed=args.seed, out=args.out,
-                     overwrite=args.overwrite, limit_per_class=args.limit_per_class,
-                     image_size=args.image_size)
-    print(f"suggested learning rate: {result.suggestion:.2e} (steepest descent; the "
-          f"minimum / 10 is {result.minimum:.2e}; {len(result.lrs)} batches)")
-    print(f"plot: {result.plot}")
 
 
     p.add_argument("name")
@@ -592,6 +594,25 @@ def cmd_lr_find(args: argparse.Namespace) -> None:
     w.add_argument("--json", action="store_true", help="machine-readable output")
     w.set_defaults(func=cmd_weights_verify)
 
+    p = sub.add_parser("lr-find", help="learning-rate range test: suggest a rate, plot loss "
+                       "against rate")
+    p.add_argument("backbone")
+    p.add_argument("strategy")
+    p.add_argument("--data", required=True, help="built-in dataset name or ImageFolder dir")
+    p.add_argument("--out", default="lr_find.png", help="the PNG to write (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="strategy option")
+    p.add_argument("--weights", default="default", help="weights tag, path, or 'none'")
+    p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
+    p.add_argument("--start-lr", type=float, default=1e-7, help="(default: %(default)s)")
+    p.add_argument("--end-lr", type=float, default=10.0, help="(default: %(default)s)")
+    p.add_argument("--num-iter", type=int, default=100, help="batches (default: %(default)s)")
+    p.add_argument("--limit-per-class", type=int, help="keep N training images per class")
+    p.add_argument("--image-size", type=int, help="input resolution (default: the weights')")
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_lr_find)
+
     p = sub.add_parser("compare", help="strategies x backbones versus training from scratch")
     p.add_argument("--backbones", nargs="+", required=True)
     p.add_argument("--strategies", nargs="+", required=True)
@@ -680,22 +701,4 @@ def _one_line(exc: BaseException) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
-    p = sub.add_parser("lr-find", help="learning-rate range test: suggest a rate, plot loss "
-                       "against rate")
-    p.add_argument("backbone")
-    p.add_argument("strategy")
-    p.add_argument("--data", required=True, help="built-in dataset name or ImageFolder dir")
-    p.add_argument("--out", default="lr_find.png", help="the PNG to write (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="strategy option")
-    p.add_argument("--weights", default="default", help="weights tag, path, or 'none'")
-    p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
-    p.add_argument("--start-lr", type=float, default=1e-7, help="(default: %(default)s)")
-    p.add_argument("--end-lr", type=float, default=10.0, help="(default: %(default)s)")
-    p.add_argument("--num-iter", type=int, default=100, help="batches (default: %(default)s)")
-    p.add_argument("--limit-per-class", type=int, help="keep N training images per class")
-    p.add_argument("--image-size", type=int, help="input resolution (default: the weights')")
-    p.add_argument("--device")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_lr_find)
 
