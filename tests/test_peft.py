@@ -244,6 +244,8 @@ def test_adapter_written_by_zoo_loads_back_without_naming_its_base(
     assert float((outputs(again, x) - outputs(model, x)).abs().max()) <= TOLERANCE
     assert again.zoo_config["class_names"] == ["ant", "bee", "cat", "dog"]
     assert again.zoo_config["weights"]["sha256"] == model.zoo_weights["sha256"]
+    with pytest.raises(zoo.CheckpointError, match="is a PEFT adapter.*zoo.load_peft_adapter"):
+        zoo.load_checkpoint(out)  # the folder says what it is and how to load it
 
 
 # --------------------------------------------------------------------------- hostile folders

@@ -731,6 +731,10 @@ def _open_files(directory: Path, names: Collection[str], stack: contextlib.ExitS
         handles: dict[str, BinaryIO] = {}
         for name in (CONFIG_FILE, MODEL_FILE):
             handle = _open_inside(directory, folder, name)
+            if handle is None and name == CONFIG_FILE \
+                    and os.path.lexists(directory / "adapter_config.json"):
+                raise CheckpointError(f"{directory} is a PEFT adapter, not a zoo checkpoint: "
+                                      "load it with zoo.load_peft_adapter(DIR, BACKBONE)")
             if handle is None:
                 raise CheckpointError(
                     f"checkpoint is corrupt: {directory} has no {name}" if name == MODEL_FILE

@@ -166,7 +166,7 @@ def _modules_to_save(model: nn.Module, config: Mapping[str, Any],
                           "or a local file), so nobody could rebuild the base a PEFT adapter "
                           "applies to: fine-tune from registered weights")
     base = _build_base(config, None).state_dict()
-    own = _base_view(model.state_dict())
+    own = {k: v.detach().cpu() for k, v in _base_view(model.state_dict()).items()}
     changed = {k.rpartition(".")[0] for k, v in own.items()
                if k not in base or base[k].shape != v.shape or not torch.equal(base[k], v)}
     paths = [p for p, _ in model.named_modules()]
