@@ -51,6 +51,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", help="where base weights and checkpoints go "
                         "(default: a temporary folder)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu or cuda[:N]: where zoo and the hand loop train (default cpu)")
     return parser.parse_args(argv)
 
 
@@ -101,12 +103,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        print("python -m bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
     started = time.perf_counter()
-    results: dict[str, Any] = {"machine": machine(), "args": vars(args), "sections": {}}
+    results: dict[str, Any] = {"machine": machine(args.device), "args": vars(args),
+                               "sections": {}}
     info = results["machine"]
+    gpu = (f"; {info['gpu']} ({info['gpu_memory_gib']} GiB, CUDA {info['cuda']})"
+           if "gpu" in info else "")
     print(f"machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, "
           f"{info['memory_gib']} GiB; torch {info['torch']} ({info['torch_threads']} threads); "
-          f"load {info['loadavg']}", flush=True)
+          f"load {info['loadavg']}{gpu}; device {args.device}", flush=True)
     printed: list[str] = []
 
     def section(name: str, fn: Any, render: Any) -> None:
@@ -127,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         from bench import training
 
         plan = training_plan(args)
-        section("training", lambda: training.run(plan, workdir, log, args.eval_size),
+        section("training", lambda: training.run(plan, workdir, log, args.eval_size,
+                                                 device=args.device),
                 training.tables)
     if "memory" in sections:
         from bench import memory
@@ -138,13 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.sizes:
             plan_m = [c for c in plan_m if str(c.n) in args.sizes.split(",")]
         section("memory", lambda: memory.run(plan_m, workdir, log,
-                                             repeats=1 if args.quick else args.memory_repeats),
+                                             repeats=1 if args.quick else args.memory_repeats,
+                                             device=args.device),
                 memory.tables)
     if "cache" in sections:
         from bench import cache
 
         plan_c = cache.default_plan(args.quick, n=args.cache_size)
-        section("cache", lambda: cache.run(plan_c, workdir, log), cache.tables)
+        section("cache", lambda: cache.run(plan_c, workdir, log, device=args.device),
+                cache.tables)
     if "checkpoints" in sections:
         from bench import checkpoints
         from bench.common import ModelCase
@@ -154,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             partial=checkpoints.CASE.partial)
         section("checkpoints",
                 lambda: checkpoints.run(workdir, repeats=1 if args.quick else 3, case=case,
-                                        log=log),
+                                        log=log, device=args.device),
                 checkpoints.tables)
     if "startup" in sections:
         from bench import startup
@@ -163,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         section("startup", lambda: startup.run(runs, log=log), startup.tables)
 
     results["elapsed_s"] = time.perf_counter() - started
-    results["machine"]["loadavg_end"] = machine()["loadavg"]
+    results["machine"]["loadavg_end"] = machine(args.device)["loadavg"]
     Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
     print("\n\n" + "\n\n".join(printed))
     print(f"\nall tables ({results['elapsed_s']:.0f} s; load at the end "

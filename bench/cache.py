@@ -17,7 +17,7 @@ from typing import Any
 
 import zoo
 from bench import loops
-from bench.common import CASES, MiB, PeakRSS, dataset, loadavg, local_base, table
+from bench.common import CASES, MiB, PeakGPU, PeakRSS, dataset, loadavg, local_base, table
 from bench.training import KEEP_HEAD
 from zoo.features import shared_store
 
@@ -57,14 +57,15 @@ class _Probe(zoo.Callback):
             self.info["budget"] = self.store.memory_budget
 
 
-def run(plan: Sequence[CacheRun], workdir: Path, log: Any = print) -> dict[str, Any]:
+def run(plan: Sequence[CacheRun], workdir: Path, log: Any = print,
+        device: str = "cpu") -> dict[str, Any]:
     rows = []
     for item in plan:
         case = CASES[item.model]
         base = local_base(case, workdir)
         data = dataset(item.n, case.image_size)
-        model = base.build()
-        loops.warm_up(model, data.x, base.mean, base.std)
+        model = base.build(device)
+        loops.warm_up(model, data.x, base.mean, base.std, channels_last=case.convnet)
         del model
         store = shared_store()
         store.clear()
@@ -72,14 +73,14 @@ def run(plan: Sequence[CacheRun], workdir: Path, log: Any = print) -> dict[str, 
         probe = _Probe(store, info)
         load = loadavg()
         options = dict(case.partial) if item.strategy == "partial" else {}
-        with PeakRSS() as rss:
+        with PeakRSS() as rss, PeakGPU(device) as gpu:
             start = time.perf_counter()
             out = zoo.finetune(base.backbone, item.strategy, (data.x, data.y),
                                epochs=item.epochs, strategy_options=options,
                                weights="default", num_classes=10,
                                builder_kwargs=case.builder_kwargs, quiet=True,
                                cache_memory=item.cache_memory, callbacks=[probe], seed=0,
-                               **KEEP_HEAD)
+                               device=device, **KEEP_HEAD)
             elapsed = time.perf_counter() - start
         store.clear()
         budget = info.get("budget", 0)
@@ -88,6 +89,7 @@ def run(plan: Sequence[CacheRun], workdir: Path, log: Any = print) -> dict[str, 
             "epochs": item.epochs, "cache_memory": item.cache_memory, "budget": budget,
             "time_s": elapsed, "peak_rss_mib": rss.peak_delta / MiB,
             "peak_anon_mib": rss.peak_anon_delta / MiB,
+            "peak_gpu_mib": gpu.peak_delta / MiB, "device": device,
             "cache_in_memory_mib": info.get("memory_bytes", 0) / MiB,
             "cache_spilled_mib": info.get("spilled_bytes", 0) / MiB,
             "within_budget": info.get("memory_bytes", 0) <= budget,
@@ -104,6 +106,7 @@ def run(plan: Sequence[CacheRun], workdir: Path, log: Any = print) -> dict[str, 
 
 
 def tables(data: dict[str, Any]) -> str:
+    gpu = any(r.get("device", "cpu") != "cpu" for r in data["runs"])
     rows = [[r["model"], r["strategy"], r["n"], r["epochs"],
              f"default {r['budget'] / MiB:.0f}" if r["cache_memory"] is None
              else f"{r['cache_memory'] / MiB:.0f}",
@@ -111,8 +114,9 @@ def tables(data: dict[str, Any]) -> str:
              f"{r['cache_spilled_mib']:.1f}", f"{r['peak_rss_mib']:.0f}",
              f"{r['peak_anon_mib']:.0f}", "met" if r["within_budget"] else "MISSED",
              f"{r['train_accuracy']:.3f}"]
+            + ([f"{r.get('peak_gpu_mib', 0):.0f}"] if gpu else [])
             for r in data["runs"]]
     return table(["model", "strategy", "N", "E", "budget MiB", "time s", "cache RAM MiB",
                   "spilled MiB", "peak RSS MiB", "peak anon MiB", "RAM <= budget",
-                  "train acc"], rows,
+                  "train acc", *(["peak GPU MiB"] if gpu else [])], rows,
                  "Feature cache: in memory vs spilled to a memory-mapped file")

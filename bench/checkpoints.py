@@ -59,7 +59,9 @@ class _BenchPlugin:
 
 def run(workdir: Path, *, repeats: int = 3, case: ModelCase = CASE,
         strategies: tuple[str, ...] = ("linear_probe", "partial"),
-        log: Any = print) -> dict[str, Any]:
+        log: Any = print, device: str = "cpu") -> dict[str, Any]:
+    """Save and load zoo checkpoints of a model trained on ``device`` (loads go to the CPU,
+    where a checkpoint is opened), against torch.save / torch.load of the same model."""
     from zoo.checkpoint import load_checkpoint, save_checkpoint
     from zoo.plugins import get_plugin_manager
 
@@ -80,7 +82,7 @@ def run(workdir: Path, *, repeats: int = 3, case: ModelCase = CASE,
                 model = zoo.finetune(backbone, strategy, (data.x, data.y), epochs=1,
                                      strategy_options=options, weights="default",
                                      num_classes=10, feature_store=FeatureStore(),
-                                     quiet=True, scheduler=None).model
+                                     quiet=True, scheduler=None, device=device).model
                 for kind in ("full", "delta"):
                     target = workdir / f"ckpt-{strategy}-{kind}"
                     shutil.rmtree(target, ignore_errors=True)
@@ -93,7 +95,7 @@ def run(workdir: Path, *, repeats: int = 3, case: ModelCase = CASE,
                         errors[f"{strategy}/{kind} via {how}"] = f"{type(exc).__name__}: {exc}"
                         log(f"  checkpoint {strategy} {kind} via {how}: {type(exc).__name__}")
                         continue
-                    same = all(torch.equal(a, b) for a, b in
+                    same = all(torch.equal(a.cpu(), b.cpu()) for a, b in
                                zip(model.state_dict().values(),
                                    loaded.state_dict().values(), strict=True))
                     saved = json.loads((target / "config.json").read_text())["kind"]

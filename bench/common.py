@@ -28,8 +28,8 @@ MiB = 1024 * 1024
 # --------------------------------------------------------------------------- machine
 
 
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
+def machine(device: str = "cpu") -> dict[str, Any]:
+    """What the numbers were measured on (the GPU's name and memory for a CUDA device)."""
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -47,7 +47,25 @@ def machine() -> dict[str, Any]:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "mkldnn": torch.backends.mkldnn.is_available(),
         "loadavg": [round(x, 2) for x in load],
+        **gpu_info(device),
     }
+
+
+def gpu_info(device: str) -> dict[str, Any]:
+    """The CUDA card behind ``device`` ({} for a CPU): name, memory, capability, CUDA."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return {}
+    props = torch.cuda.get_device_properties(dev)
+    return {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 1024**3, 1),
+            "gpu_capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
+            "bf16": torch.cuda.is_bf16_supported()}
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU): timings end after it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def loadavg() -> float:
@@ -123,6 +141,32 @@ class PeakRSS:
         return self.peak_anon - self.baseline_anon
 
 
+class PeakGPU:
+    """Peak CUDA memory of a block: ``torch.cuda.max_memory_allocated`` minus what was
+    allocated when it started (bytes; 0 on CPU). Tensors alive before (data, an earlier
+    model) are in the baseline, not the peak."""
+
+    def __init__(self, device: str | torch.device) -> None:
+        self.device = torch.device(device)
+        self.baseline = self.peak = 0
+
+    def __enter__(self) -> PeakGPU:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+
+    @property
+    def peak_delta(self) -> int:
+        return max(0, self.peak - self.baseline)
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -173,19 +217,20 @@ class ModelCase:
     """One backbone as benchmarked: its input size, builder options and partial freeze."""
 
     key: str
-    backbone: str
+    backbone: str | zoo.Backbone  # a registered name, or a Backbone object (a slim stand-in)
     image_size: int
     builder_kwargs: dict[str, Any] = field(default_factory=dict)
     partial: dict[str, Any] = field(default_factory=dict)
     init: str = "random"  # "random" or "default" (start from the backbone's real weights)
     note: str = ""
+    convnet: bool = True  # the hand loop on a GPU uses channels_last for convnets only
 
 
 CASES: dict[str, ModelCase] = {
     "resnet18": ModelCase("resnet18", "resnet18", 64, partial={"freeze_to": "layer2"},
                           note="in-tree torchvision-style ResNet-18, 64x64"),
     "vit_b_16": ModelCase("vit_b_16", "vit_b_16", 32, {"image_size": 32},
-                          partial={"frozen_groups": 7},
+                          partial={"frozen_groups": 7}, convnet=False,
                           note="in-tree ViT-B/16 built for 32x32 (2x2 patches + class token)"),
     "lite0": ModelCase("lite0", "timm/tf_efficientnet_lite0", 64,
                        partial={"frozen_groups": 4}, init="default",
@@ -204,10 +249,10 @@ class LocalBase:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
-    def build(self) -> torch.nn.Module:
+    def build(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """The model the hand loop trains: the same builder and the same base weights."""
-        return zoo.create_model(self.backbone, weights="default",
-                                **self.case.builder_kwargs)
+        model = zoo.create_model(self.backbone, weights="default", **self.case.builder_kwargs)
+        return model.to(device)
 
     def group_members(self, model: torch.nn.Module) -> list[tuple[str, tuple[str, ...]]]:
         """(group name, member paths) in order, input to output."""
@@ -217,7 +262,8 @@ class LocalBase:
 def local_base(case: ModelCase, workdir: Path, num_classes: int = 10) -> LocalBase:
     """Save the case's starting weights (seeded random, or its real ones) with a
     ``num_classes`` head to a file, and declare them as the backbone's default weights."""
-    spec = zoo.get_backbone(case.backbone)
+    spec = case.backbone if isinstance(case.backbone, zoo.Backbone) else \
+        zoo.get_backbone(case.backbone)
     path = workdir / f"{case.key.replace('/', '-')}-{num_classes}-base.pth"
     mean, std = spec.mean, spec.std
     if case.init == "default":
@@ -246,9 +292,13 @@ def normalizer(mean: Sequence[float], std: Sequence[float]
     written with the same float operations as zoo's transform so both see identical bits."""
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {m.device: (m, s)}
 
     def normalize(images: torch.Tensor) -> torch.Tensor:
-        return (images.to(torch.float32) / 255 - m) / s
+        if images.device not in on:
+            on[images.device] = (m.to(images.device), s.to(images.device))
+        mean_, std_ = on[images.device]
+        return (images.to(torch.float32) / 255 - mean_) / std_
 
     return normalize
 
@@ -256,15 +306,21 @@ def normalizer(mean: Sequence[float], std: Sequence[float]
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
              mean: Sequence[float], std: Sequence[float], batch_size: int = 250) -> float:
-    """Top-1 accuracy on uint8 images, every module in eval mode; flags restored after."""
+    """Top-1 accuracy on uint8 images (moved to the model's device; bf16 autocast on a GPU),
+    every module in eval mode; flags restored after."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     normalize = normalizer(mean, std)
+    device = next(model.parameters()).device
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
     correct = 0
     try:
         for start in range(0, len(x), batch_size):
-            xb = normalize(x[start:start + batch_size])
-            correct += int((model(xb).argmax(1) == y[start:start + batch_size]).sum())
+            xb = normalize(x[start:start + batch_size].to(device))
+            with autocast:
+                pred = model(xb).argmax(1).cpu()
+            correct += int((pred == y[start:start + batch_size]).sum())
     finally:
         for m, flag in flags:
             m.training = flag

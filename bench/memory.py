@@ -55,8 +55,9 @@ def _status_kib(field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1))  # type: ignore[union-attr]
 
 
-def child(cell: MemoryCell, loop: str, workdir: Path) -> dict[str, Any]:
-    """Run one loop of ``cell`` in this (fresh) process and measure its peak."""
+def child(cell: MemoryCell, loop: str, workdir: Path, device: str = "cpu") -> dict[str, Any]:
+    """Run one loop of ``cell`` in this (fresh) process and measure its peak (host memory,
+    and on a GPU ``torch.cuda.max_memory_allocated`` too)."""
     import torch
 
     from bench import loops
@@ -66,10 +67,12 @@ def child(cell: MemoryCell, loop: str, workdir: Path) -> dict[str, Any]:
     case = CASES[cell.model]
     base = local_base(case, workdir)
     data = dataset(cell.n, case.image_size, eval_size=1)
-    model = base.build()
-    loops.warm_up(model, data.x, base.mean, base.std)
+    model = base.build(device)
+    loops.warm_up(model, data.x, base.mean, base.std, channels_last=case.convnet)
     del model
     release_memory()
+    if device != "cpu":
+        torch.cuda.empty_cache()
     before_kib = _status_kib("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
@@ -78,9 +81,10 @@ def child(cell: MemoryCell, loop: str, workdir: Path) -> dict[str, Any]:
         exact = False
     spec = Cell(cell.model, cell.strategy, cell.n, cell.epochs, ())
     if loop == "zoo":
-        result, trained = run_zoo(base, spec, data, cache_memory=cell.cache_memory)
+        result, trained = run_zoo(base, spec, data, cache_memory=cell.cache_memory,
+                                  device=device)
     else:
-        result, trained = run_naive(base, spec, data)
+        result, trained = run_naive(base, spec, data, device=device)
     peak_mib = (_status_kib("VmHWM") - before_kib) / 1024 if exact else result.peak_rss / MiB
     del trained
     anon = result.extra.get("peak_anon")
@@ -89,18 +93,19 @@ def child(cell: MemoryCell, loop: str, workdir: Path) -> dict[str, Any]:
             "peak_anon_mib": anon / MiB if anon is not None else None,
             "baseline_mib": before_kib / 1024, "time_s": result.epoch_end_s[-1],
             "torch_threads": torch.get_num_threads(),
-            "cache_mib": result.extra.get("cache_memory_bytes", 0) / MiB}
+            "cache_mib": result.extra.get("cache_memory_bytes", 0) / MiB,
+            "device": device, "peak_gpu_mib": result.extra.get("peak_gpu", 0) / MiB}
 
 
 def run(plan: Sequence[MemoryCell], workdir: Path, log: Any = print,
-        repeats: int = 3) -> dict[str, Any]:
+        repeats: int = 3, device: str = "cpu") -> dict[str, Any]:
     """Every cell, both loops, each run in its own process ``repeats`` times; the row with
     the median peak is kept (identical runs differ by tens of MiB: allocator timing)."""
     rows = []
     for cell in plan:
         for loop in LOOPS if cell.cache_memory is None else ("zoo",):
             command = [sys.executable, "-m", "bench.memory", "--child", json.dumps(asdict(cell)),
-                       "--loop", loop, "--workdir", str(workdir)]
+                       "--loop", loop, "--workdir", str(workdir), "--device", device]
             runs = []
             for _ in range(repeats):
                 done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -115,9 +120,10 @@ def run(plan: Sequence[MemoryCell], workdir: Path, log: Any = print,
             rows.append(row)
             budget = "" if cell.cache_memory is None else f" budget {cell.cache_memory // MiB}M"
             peaks = ", ".join(f"{p:.0f}" for p in row["peaks_mib"])
+            gpu = f", GPU {row['peak_gpu_mib']:.0f} MiB" if device != "cpu" else ""
             log(f"  {cell.model:9} {cell.strategy:13} N={cell.n:5} {loop:5}{budget} "
-                f"peak {row['peak_mib']:7.1f} MiB (runs {peaks})")
-    return {"rows": rows, "repeats": repeats}
+                f"peak {row['peak_mib']:7.1f} MiB (runs {peaks}){gpu}")
+    return {"rows": rows, "repeats": repeats, "device": device}
 
 
 def tables(data: dict[str, Any]) -> str:
@@ -127,6 +133,7 @@ def tables(data: dict[str, Any]) -> str:
     counts in VmHWM but is page cache the kernel can drop.
     """
     rows = data["rows"]
+    gpu = data.get("device", "cpu") != "cpu"
     found = {(r["model"], r["strategy"], r["n"], r["loop"]): r for r in rows
              if r.get("cache_memory") is None}
     out = []
@@ -145,9 +152,17 @@ def tables(data: dict[str, Any]) -> str:
                     naive["peak_mib"] if naive else None, row["peak_mib"],
                     f"{min(spread):.0f}-{max(spread):.0f}", heap, row["cache_mib"],
                     full_heap, below])
+        if gpu:
+            naive_gpu = naive.get("peak_gpu_mib") if naive else None
+            ratio = row["peak_gpu_mib"] / naive_gpu if naive_gpu else None
+            out[-1] += [naive_gpu, row["peak_gpu_mib"],
+                        "-" if ratio is None else
+                        f"{ratio:.2f}x {'met' if ratio <= 1.1 else 'MISSED'}"]
     return table(["model", "strategy", "N", "E", "cache budget", "naive MiB", "zoo MiB",
                   "zoo range", "zoo heap MiB", "cache in RAM", "zoo full heap",
-                  "frozen < full"], out,
+                  "frozen < full",
+                  *(["naive GPU MiB", "zoo GPU MiB", "GPU zoo/naive <= 1.1"] if gpu else [])],
+                 out,
                  "Peak memory (fresh process per run; VmHWM minus RSS before the run)") + (
         f"\n  Median of {data.get('repeats', 1)} runs each (zoo range: lowest-highest VmHWM)."
         "\n  The data, the interpreter and the imports are in the baseline, not the peak."
@@ -160,9 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", required=True, help="a MemoryCell as JSON")
     parser.add_argument("--loop", choices=LOOPS, required=True)
     parser.add_argument("--workdir", required=True)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     cell = MemoryCell(**json.loads(args.child))
-    print(json.dumps(child(cell, args.loop, Path(args.workdir))))
+    print(json.dumps(child(cell, args.loop, Path(args.workdir), args.device)))
     return 0
 
 

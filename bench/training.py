@@ -28,6 +28,8 @@ from bench.common import (
     CASES,
     LocalBase,
     MiB,
+    ModelCase,
+    PeakGPU,
     PeakRSS,
     accuracy,
     dataset,
@@ -108,8 +110,10 @@ class _Clock(zoo.Callback):
         self.paused += time.perf_counter() - now
 
 
-def strategy_options(cell: Cell) -> dict[str, Any]:
-    return dict(CASES[cell.model].partial) if cell.strategy == "partial" else {}
+def strategy_options(cell: Cell, case: ModelCase | None = None) -> dict[str, Any]:
+    """The strategy options of ``cell`` (its case's partial freeze point for "partial")."""
+    case = case or CASES[cell.model]
+    return dict(case.partial) if cell.strategy == "partial" else {}
 
 
 def frozen_groups(strategy: str, options: dict[str, Any], names: Sequence[str]) -> int:
@@ -124,24 +128,32 @@ def frozen_groups(strategy: str, options: dict[str, Any], names: Sequence[str]) 
 
 
 def run_zoo(base: LocalBase, cell: Cell, data: Any, *, cache_memory: int | None = None,
-            store: FeatureStore | None = None) -> tuple[LoopResult, torch.nn.Module]:
-    """zoo.finetune with a fresh feature store (no reuse from earlier runs)."""
+            store: FeatureStore | None = None, device: str = "cpu",
+            **options: Any) -> tuple[LoopResult, torch.nn.Module]:
+    """zoo.finetune with a fresh feature store (no reuse from earlier runs); ``options`` go
+    to ``finetune`` (e.g. ``compile=True``; ``train=``/``val=`` replace ``data``'s tensors)."""
     result = LoopResult()
+    train = options.pop("train", None)
+    train = train if train is not None else (data.x, data.y)
+    val = options.pop("val", None)
     store = store if store is not None else FeatureStore(cache_memory or DEFAULT_CACHE_MEMORY)
-    with PeakRSS() as rss:
+    with PeakRSS() as rss, PeakGPU(device) as gpu:
         t0 = time.perf_counter()
         clock = _Clock(t0, cell.report, base, data, result)
         out = zoo.finetune(
-            base.backbone, cell.strategy, (data.x, data.y), epochs=cell.epochs,
-            strategy_options=strategy_options(cell), weights="default", num_classes=10,
+            base.backbone, cell.strategy, train, val, epochs=cell.epochs,
+            strategy_options=strategy_options(cell, base.case), weights="default",
+            num_classes=10,
             builder_kwargs=base.case.builder_kwargs, feature_store=store, quiet=True,
             callbacks=[clock], seed=0, batch_size=64, lr=1e-3, scheduler="cosine",
-            **KEEP_HEAD,
+            device=device, **KEEP_HEAD, **options,
         )
         result.extra["total_s"] = time.perf_counter() - t0 - clock.paused
     result.peak_rss = rss.peak_delta
+    result.extra["peak_gpu"] = gpu.peak_delta
     result.extra["peak_anon"] = rss.peak_anon_delta
     result.extra["feature_cache"] = out.metrics.get("feature_cache")
+    result.extra["input_pipeline"] = out.metrics.get("input_pipeline")
     result.extra["cache_memory_bytes"] = store.memory_bytes
     result.extra["cache_entries"] = len(store)
     result.extra["cache_spilled"] = len(store._spilled)
@@ -149,16 +161,17 @@ def run_zoo(base: LocalBase, cell: Cell, data: Any, *, cache_memory: int | None 
     return result, out.model
 
 
-def run_naive(base: LocalBase, cell: Cell, data: Any) -> tuple[LoopResult, torch.nn.Module]:
+def run_naive(base: LocalBase, cell: Cell, data: Any, *, device: str = "cpu",
+              compile: bool = False) -> tuple[LoopResult, torch.nn.Module]:
     """The hand-written loop (``bench.loops.naive_train``), possibly cut short."""
     result = LoopResult()
     epochs = cell.naive_epochs or cell.epochs
     paused = 0.0
-    with PeakRSS() as rss:
+    with PeakRSS() as rss, PeakGPU(device) as gpu:
         t0 = time.perf_counter()
-        model = base.build()
+        model = base.build(device)
         names_members = base.group_members(model)
-        n_frozen = frozen_groups(cell.strategy, strategy_options(cell),
+        n_frozen = frozen_groups(cell.strategy, strategy_options(cell, base.case),
                                  [g for g, _ in names_members])
         result.setup_s = time.perf_counter() - t0
 
@@ -174,8 +187,9 @@ def run_naive(base: LocalBase, cell: Cell, data: Any) -> tuple[LoopResult, torch
         # The hand loop's schedule is the full run's (cosine over cell.epochs) even when it
         # stops early, so its epochs match zoo's.
         stats = _naive(model, data, names_members, n_frozen, base, cell.epochs, epochs,
-                       on_epoch_end)
+                       on_epoch_end, compile=compile)
     result.peak_rss = rss.peak_delta
+    result.extra["peak_gpu"] = gpu.peak_delta
     result.train_loss = stats.get("train_loss")
     result.extra["frozen_groups"] = n_frozen
     return result, model
@@ -186,7 +200,8 @@ class _Stop(Exception):
 
 
 def _naive(model: torch.nn.Module, data: Any, groups: Any, n_frozen: int, base: LocalBase,
-           epochs: int, stop_after: int, on_epoch_end: Any) -> dict[str, Any]:
+           epochs: int, stop_after: int, on_epoch_end: Any,
+           compile: bool = False) -> dict[str, Any]:
     def hook(epoch: int, m: torch.nn.Module) -> None:
         on_epoch_end(epoch, m)
         if epoch + 1 >= stop_after:
@@ -194,7 +209,8 @@ def _naive(model: torch.nn.Module, data: Any, groups: Any, n_frozen: int, base: 
 
     try:
         return loops.naive_train(model, data.x, data.y, groups=groups, n_frozen=n_frozen,
-                                 mean=base.mean, std=base.std, epochs=epochs, on_epoch_end=hook)
+                                 mean=base.mean, std=base.std, epochs=epochs, on_epoch_end=hook,
+                                 channels_last=base.case.convnet, compile=compile)
     except _Stop:
         return {}
 
@@ -202,7 +218,7 @@ def _naive(model: torch.nn.Module, data: Any, groups: Any, n_frozen: int, base: 
 def max_weight_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
     """The largest absolute difference between two models' parameters."""
     sb = dict(b.named_parameters())
-    return max(float((p.detach() - sb[k].detach()).abs().max())
+    return max(float((p.detach() - sb[k].detach().to(p.device)).abs().max())
                for k, p in a.named_parameters())
 
 
@@ -237,7 +253,7 @@ def default_plan(quick: bool = False) -> list[Cell]:
 
 
 def run(plan: Sequence[Cell], workdir: Path, log: Any = print,
-        eval_size: int = 500) -> dict[str, Any]:
+        eval_size: int = 500, device: str = "cpu") -> dict[str, Any]:
     """Run every cell; returns the JSON-able results and prints tables as it goes."""
     results: list[dict[str, Any]] = []
     forward_s: dict[tuple[str, int], dict[str, float]] = {}
@@ -249,21 +265,21 @@ def run(plan: Sequence[Cell], workdir: Path, log: Any = print,
         bases[cell.model] = base
         data = dataset(cell.n, case.image_size, eval_size)
         if cell.model not in warmed:
-            model = base.build()
-            loops.warm_up(model, data.x, base.mean, base.std)
+            model = base.build(device)
+            loops.warm_up(model, data.x, base.mean, base.std, channels_last=case.convnet)
             del model
             warmed.add(cell.model)
         load_before = loadavg()
         reference = cell.strategy == "linear_probe" and (cell.model, cell.n) not in forward_s
         if reference:
-            before = _forward_reference(base, data)
-        naive, naive_model = run_naive(base, cell, data)
-        mine, zoo_model = run_zoo(base, cell, data)
+            before = _forward_reference(base, data, device)
+        naive, naive_model = run_naive(base, cell, data, device=device)
+        mine, zoo_model = run_zoo(base, cell, data, device=device)
         naive_all, zoo_all = [naive.epoch_end_s[-1]], [mine.epoch_end_s[-1]]
         for _ in range(cell.repeats - 1):
             # Interference on a shared VM only ever adds time: keep each loop's fastest run.
-            naive2, _ = run_naive(base, cell, data)
-            mine2, _ = run_zoo(base, cell, data)
+            naive2, _ = run_naive(base, cell, data, device=device)
+            mine2, _ = run_zoo(base, cell, data, device=device)
             naive_all.append(naive2.epoch_end_s[-1])
             zoo_all.append(mine2.epoch_end_s[-1])
             if naive2.epoch_end_s[-1] < naive.epoch_end_s[-1]:
@@ -273,7 +289,7 @@ def run(plan: Sequence[Cell], workdir: Path, log: Any = print,
         if reference:
             # Run-to-run noise on a shared 2-CPU VM is ~10%: the reference is the mean of
             # one pass before the hand loop and one after zoo's run.
-            after = _forward_reference(base, data)
+            after = _forward_reference(base, data, device)
             forward_s[cell.model, cell.n] = {
                 k: (before[k] + after[k]) / 2 for k in ("build_s", "forward_s")}
             forward_s[cell.model, cell.n]["runs"] = [before, after]
@@ -287,20 +303,21 @@ def run(plan: Sequence[Cell], workdir: Path, log: Any = print,
             "naive": _as_dict(naive), "zoo": _as_dict(mine),
             "forward_pass": forward_s.get((cell.model, cell.n)),
             "max_weight_diff": diff, "loadavg": [load_before, loadavg()],
-            "repeats": {"naive_s": naive_all, "zoo_s": zoo_all},
+            "repeats": {"naive_s": naive_all, "zoo_s": zoo_all}, "device": device,
         }
         results.append(row)
         log(_cell_line(row))
     return {"cells": results, "eval_size": eval_size}
 
 
-def _forward_reference(base: LocalBase, data: Any) -> dict[str, float]:
+def _forward_reference(base: LocalBase, data: Any, device: str = "cpu") -> dict[str, float]:
     """Seconds to build the model (weights loaded) and to run ONE frozen forward pass."""
     start = time.perf_counter()
-    model = base.build()
+    model = base.build(device)
     build_s = time.perf_counter() - start
     return {"build_s": build_s,
-            "forward_s": loops.forward_pass(model, data.x, base.mean, base.std)}
+            "forward_s": loops.forward_pass(model, data.x, base.mean, base.std,
+                                            channels_last=base.case.convnet)}
 
 
 def _as_dict(r: LoopResult) -> dict[str, Any]:
@@ -375,6 +392,7 @@ def tables(data: dict[str, Any]) -> str:
                 else "-",
             ])
     setup_rows = []
+    gpu = any(row.get("device", "cpu").startswith("cuda") for row in cells)
     for row in cells:
         cache = row["zoo"].get("feature_cache") or {}
         setup_rows.append([
@@ -387,6 +405,9 @@ def tables(data: dict[str, Any]) -> str:
             "-" if row["max_weight_diff"] is None else f"{row['max_weight_diff']:.1e}",
             f"{row['loadavg'][0]:.1f}-{row['loadavg'][1]:.1f}",
         ])
+        if gpu:
+            setup_rows[-1][10:10] = [f"{row['naive'].get('peak_gpu', 0) / MiB:.0f}",
+                                     f"{row['zoo'].get('peak_gpu', 0) / MiB:.0f}"]
     parts = [
         table(["model", "strategy", "N", "E", "naive s", "zoo s", "speedup", "zoo/1fwd",
                "train/1fwd", "targets"], time_rows,
@@ -400,9 +421,11 @@ def tables(data: dict[str, Any]) -> str:
               f"Held-out accuracy ({data.get('eval_size', 500)} mnist5k images never trained "
               "on), same seed and order"),
         table(["model", "strategy", "N", "E", "setup naive", "setup zoo", "epoch naive",
-               "epoch zoo", "RSS naive MiB", "RSS zoo MiB", "cache MiB", "miss/hit",
+               "epoch zoo", "RSS naive MiB", "RSS zoo MiB",
+               *(["GPU naive MiB", "GPU zoo MiB"] if gpu else []), "cache MiB", "miss/hit",
                "max|dW|", "load"], setup_rows,
-              "Set-up, steady epoch time, peak RSS delta, cache, final weight difference")
+              "Set-up, steady epoch time, peak RSS delta, cache, final weight difference"
+              + (" (GPU: peak torch.cuda.max_memory_allocated)" if gpu else ""))
         + "\n  RSS columns: sampled in-process, indicative only (they depend on what ran"
         "\n  before); the memory section measures each run in a fresh process.",
     ]

@@ -57,3 +57,32 @@ def test_tables_are_aligned() -> None:
     assert lines[:2] == ["T", "="]
     assert len({len(line) for line in lines[2:]}) == 1  # every row padded to one width
     assert lines[-1].endswith("10.25")
+
+
+def test_gpu_script_runs_on_cpu_in_tiny_mode_and_prints_every_row(tmp_path: Path) -> None:
+    """Issue 17.2: ``bash bench/gpu.sh --device cpu --tiny`` (the same script a card runs)
+    makes its ImageFolder, runs every row and prints one table with all of them, none
+    failed; a JSON copy names each row's target and whether it was met."""
+    import os
+    import subprocess
+
+    from bench.gpu import ROW_NAMES
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    done = subprocess.run(["bash", str(root / "bench" / "gpu.sh"), "--device", "cpu", "--tiny",
+                           "--out", str(out)], capture_output=True, text=True, env=env,
+                          timeout=240, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = done.stdout
+    assert "zoo vs hand-written loops on" in text and "--tiny" in text
+    table = text[text.index("zoo vs hand-written loops on"):]
+    for name in ROW_NAMES:
+        line = next((row for row in table.splitlines() if row.startswith(name + " ")), None)
+        assert line is not None, name
+        assert "error:" not in line and "skipped" not in line, line
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == len(ROW_NAMES)
+    assert all(r["met"] in ("met", "MISSED") and r["ratio"] > 0 for r in rows)
+    assert list(tmp_path.glob("zoo-gpu-bench.*")) == []  # its temporary folder is removed

@@ -302,7 +302,7 @@ FINETUNE_RULES: dict[str, Rule] = {
     "cache_memory": (_optional(_int_in(0)), "None or a number of bytes >= 0"),
     "cache_views": (_int_in(0), "a whole number >= 0"),
     "checkpoint_kind": (_checkpoint_kind, "'auto', 'delta' or 'full'"),
-    "num_workers": (_int_in(0), "a whole number >= 0"),
+    "num_workers": (_optional(_int_in(0)), "None (automatic) or a whole number >= 0"),
     "builder_kwargs": (_optional(lambda v: isinstance(v, Mapping) and all(
         isinstance(k, str) for k in v)), "None or a dict of keyword arguments"),
     "image_size": (_optional(_int_in(1, MAX_INPUT_SIDE)),
