@@ -694,7 +694,7 @@ def finetune(
             record["time_s"] = elapsed_before + time.perf_counter() - started
             _check_finite(model, epoch, {"validation loss": record.get("val_loss", 0.0)}, out, lr)
             run.history.append(record)
-            run.stop = keeper.update(model, epoch, record)  # patience ran out
+            run.stop = keeper.update(model, epoch, record) or run.stop  # patience ran out
             if out is not None and rank == 0:
                 _save_resume(out, run, epoch, config, keeper.state())
             for cb in callbacks:
