@@ -308,6 +308,18 @@ def test_save_killed_before_complete_leaves_the_previous_checkpoint(
     assert not staging.exists()
 
 
+def test_save_killed_inside_safetensors_write_leaves_the_previous_checkpoint(
+        saved: Path) -> None:
+    """safetensors writes a ``.tmpXXXXXX`` file and renames it: a kill in between leaves
+    that temp file in zoo's staging folder, which the next load discards."""
+    before = zoo.load_checkpoint(saved)
+    staging = saved / ckpt.STAGING
+    staging.mkdir()
+    (staging / ".tmpA1b2C3").write_bytes(b"half a safetensors file")
+    assert_same_model(before, zoo.load_checkpoint(saved))
+    assert not staging.exists()
+
+
 def test_save_killed_after_complete_is_rolled_forward(saved: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     other = zoo.create_model("tiny_cnn", num_classes=10)

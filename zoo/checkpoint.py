@@ -69,7 +69,9 @@ READ_LOCK_FILE = ".zoo-read-lock"  # readers share it; a save's final moves hold
 LOCK_TIMEOUT_S = 60.0
 FORMAT_VERSION = 1
 _MARKER = "COMPLETE"
-_MARKER_TEMP = re.compile(r"\.COMPLETE\.[A-Za-z0-9_]+\.tmp")  # atomic_write's temp file
+# Temp files a save killed midway leaves in its staging folder: atomic_write's for the
+# marker, and the one safetensors' save_file writes before renaming (Rust's tempfile).
+_MARKER_TEMP = re.compile(r"\.COMPLETE\.[A-Za-z0-9_]+\.tmp|\.tmp[A-Za-z0-9]{6}")
 _MAX_CONFIG_BYTES = 16 * 1024 * 1024
 _DIST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a PyPI distribution name
 _READ_ATTEMPTS = 40  # a reader racing a writer retries, 50 ms apart, before calling it corrupt
@@ -535,18 +537,39 @@ def _config_from_model(model: nn.Module) -> dict[str, Any]:
             "num_classes": num_outputs(model, spec), "class_names": None, "strategy": None,
             "preprocessing": pre, "builder_kwargs": {}}
 
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path,
+                      metadata: dict[str, str]) -> None:
+    """``safetensors.save_file`` with its header's metadata in sorted order.
+
+    safetensors keeps the metadata in a hash map, so its order (and the file's bytes and
+    sha256) would change from process to process; sorting it in place makes the same
+    tensors give the same file, so a repeated run gives a bitwise identical checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        raw = handle.read(length)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= length:  # the same JSON in another order: it always fits
+            handle.seek(8)
+            handle.write(text.ljust(length))
+
+
 def _write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any],
                       metrics: dict[str, Any], history: Any) -> None:
     """Write the files into the staging folder, then move them into place (see ``recover``)."""
-    from safetensors.torch import save_file
-
     directory.mkdir(parents=True, exist_ok=True)
     with _writer_lock(directory, required=True):
         recover(directory)  # a save that died before: finish or discard it
         staging = directory / STAGING
         staging.mkdir()
-        save_file(tensors, str(staging / MODEL_FILE),
-                  metadata={"format": "pt", "zoo_kind": config["kind"]})
+        _save_safetensors(tensors, staging / MODEL_FILE,
+                          {"format": "pt", "zoo_kind": config["kind"]})
         texts = {METRICS_FILE: json.dumps(metrics, indent=2, default=str) + "\n",
                  CARD_FILE: model_card(config, metrics)}
         if history is not None:

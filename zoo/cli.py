@@ -332,7 +332,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     for image_path in args.images:
         image = load_image(image_path, channels=transform.input_size[0])
         with torch.no_grad():
-            probs = model(transform(image[None])).softmax(1)[0]
+            probs = model(transform.prepare_image(image)).softmax(1)[0]
         top = probs.topk(min(args.top_k, len(probs)))
         print(image_path)
         for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
@@ -441,6 +441,13 @@ def _hub_token(value: str | None) -> str | None:
     return token
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from zoo.exporting import export
+
+    path = export(_load_model(args.checkpoint), args.format, args.out, overwrite=args.overwrite)
+    print(f"exported {args.checkpoint} as {args.format}: {path}")
+
+
 def cmd_push(args: argparse.Namespace) -> None:
     from zoo.hub import push_to_hub
 
@@ -456,13 +463,6 @@ def cmd_pull(args: argparse.Namespace) -> None:
 
     path = pull_from_hub(args.repo_id, revision=args.revision, token=_hub_token(args.token),
                          endpoint=args.endpoint)
-def cmd_export(args: argparse.Namespace) -> None:
-    from zoo.exporting import export
-
-    path = export(_load_model(args.checkpoint), args.format, args.out, overwrite=args.overwrite)
-    print(f"exported {args.checkpoint} as {args.format}: {path}")
-
-
     print(path)
 
 
@@ -488,8 +488,6 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("info", help="a backbone's groups and weights, or a strategy's options")
-
-
     p.add_argument("name")
     p.set_defaults(func=cmd_info)
 
@@ -638,6 +636,14 @@ def build_parser() -> Parser:
                        "process list that other users can see (default: HF_TOKEN or your hf "
                        "login)")
 
+    p = sub.add_parser("export", help="a checkpoint as ONNX, TorchScript or a PEFT adapter")
+    p.add_argument("checkpoint", help="checkpoint directory or hf-hub:REPO")
+    p.add_argument("--format", choices=("onnx", "torchscript", "peft"), required=True)
+    p.add_argument("--out", required=True,
+                   help="file to write (for peft: the adapter folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("push", help="upload a checkpoint directory to a Hub repo")
     p.add_argument("directory")
     p.add_argument("repo_id")
@@ -656,14 +662,6 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_doctor)
     return parser
 
-
-    p = sub.add_parser("export", help="a checkpoint as ONNX, TorchScript or a PEFT adapter")
-    p.add_argument("checkpoint", help="checkpoint directory or hf-hub:REPO")
-    p.add_argument("--format", choices=("onnx", "torchscript", "peft"), required=True)
-    p.add_argument("--out", required=True,
-                   help="file to write (for peft: the adapter folder)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.set_defaults(func=cmd_export)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``zoo`` command line; returns the exit status."""
@@ -701,4 +699,3 @@ def _one_line(exc: BaseException) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -29,9 +29,15 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from zoo.data import BatchTransform, ImageData, load_data
+from zoo.data import BatchTransform, ImageData, load_data, prepare_inputs
 from zoo.errors import IncompatibleError, ZooError
-from zoo.features import CacheKey, FeatureStore, default_cache_memory, shared_store
+from zoo.features import (
+    CacheKey,
+    FeatureStore,
+    decide_cache,
+    default_cache_memory,
+    shared_store,
+)
 from zoo.models import (
     assign_groups,
     count_parameters,
@@ -152,12 +158,24 @@ class FreezeState:
             hook.remove()
         self._hooks = []
 
+    def ungrouped(self) -> list[nn.Module]:
+        """The model and its modules that belong to no layer group (containers, a stray
+        dropout): the only ones a frozen prefix may run that no eval-mode pin covers."""
+        return [module for path, module in self.model.named_modules()
+                if path not in self.module_owner]
+
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run the block with every module in eval mode, restoring each module's flag after."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+def eval_mode(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> Iterator[None]:
+    """Run the block with every module (or only ``modules``) in eval mode, restoring each
+    module's flag after."""
+    if modules is None:
+        flags = [(m, m.training) for m in model.modules()]
+        model.eval()
+    else:
+        flags = [(m, m.training) for m in modules]
+        for module in modules:
+            module.training = False
     try:
         yield
     finally:
@@ -177,10 +195,14 @@ def _compose(stages: Sequence[Stage]) -> Callable[[torch.Tensor], torch.Tensor]:
 class SplitModel(nn.Module):
     """The model as (frozen prefix, trainable rest); DDP wraps this so only the rest syncs."""
 
-    def __init__(self, model: nn.Module, stages: Sequence[Stage] | None, cut: int) -> None:
+    def __init__(self, model: nn.Module, stages: Sequence[Stage] | None, cut: int,
+                 eval_modules: Sequence[nn.Module] | None = None) -> None:
         super().__init__()
         self.model = model
         self.cut = cut
+        # The modules ``features`` switches to eval mode (None: all of them). The runner
+        # passes FreezeState.ungrouped(): the prefix's frozen groups are pinned already.
+        self._eval_modules = None if eval_modules is None else list(eval_modules)
         if stages is None:
             self.prefix = None
             self.rest = model
@@ -189,10 +211,10 @@ class SplitModel(nn.Module):
             self.rest = _compose(stages[cut:])
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen prefix's output: no autograd, every module in eval mode."""
+        """The frozen prefix's output: no autograd, every module it runs in eval mode."""
         if self.prefix is None:
             return x
-        with torch.no_grad(), eval_mode(self.model):
+        with torch.no_grad(), eval_mode(self.model, self._eval_modules):
             return self.prefix(x)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -250,8 +272,32 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
         torch.save(obj, handle)
 
 
+def input_workers(num_workers: int | None, device: torch.device) -> int:
+    """DataLoader worker processes for images decoded as they are read: ``num_workers`` if
+    given, else min(8, CPUs) on a GPU (decoding must keep up with the card) and 0 on CPU
+    (training uses the cores itself, and results stay bitwise those of earlier versions)."""
+    if num_workers is not None:
+        return num_workers
+    if device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(8, cpus or 1)
+
+
+def gather(source: torch.Tensor, idx: torch.Tensor, pin: bool = False) -> torch.Tensor:
+    """``source[idx]``, written straight into page-locked memory when ``pin`` (CUDA runs), so
+    that the ``non_blocking`` copy to the GPU is asynchronous and overlaps the training step."""
+    if not pin or source.device.type != "cpu":
+        return source[idx]
+    out = torch.empty((len(idx), *source.shape[1:]), dtype=source.dtype, pin_memory=True)
+    return torch.index_select(source, 0, idx, out=out)
+
+
 class Batches:
-    """Raw (image, label) batches from in-memory tensors or a DataLoader, in a given order."""
+    """Raw (image, label) batches from in-memory tensors or a DataLoader, in a given order.
+
+    With ``pin_memory`` (CUDA) in-memory batches are gathered into page-locked memory and a
+    DataLoader pins its batches; its workers then prefetch 4 batches each."""
 
     def __init__(self, data: ImageData, batch_size: int, num_workers: int = 0,
                  pin_memory: bool = False) -> None:
@@ -267,11 +313,12 @@ class Batches:
             images, labels = self.data.tensors
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
-                yield idx, images[idx], labels[idx]
+                yield idx, gather(images, idx, self.pin_memory), labels[idx]
             return
         loader = torch.utils.data.DataLoader(
             self.data, batch_size=self.batch_size, sampler=order.tolist(),
             num_workers=self.num_workers, pin_memory=self.pin_memory,
+            prefetch_factor=4 if self.num_workers else None,
         )
         start = 0
         for images, labels in loader:
@@ -461,7 +508,7 @@ def finetune(
     amp: bool | None = None,
     channels_last: bool | None = None,
     compile: bool = False,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     builder_kwargs: Mapping[str, Any] | None = None,
     image_size: int | None = None,
     keep_head: bool = False,
@@ -547,6 +594,8 @@ def finetune(
         transform = replace(transform, input_size=(transform.input_size[0], image_size,
                                                    image_size))
     _check_channels(train_data, transform)
+    # one geometry for every image: files and Datasets are fitted one by one, as predict does
+    transform, (train_data, val_data) = prepare_inputs(transform, train_data, val_data)
 
     use_amp = dev.type == "cuda" if amp is None else amp
     if channels_last is None:
@@ -578,17 +627,26 @@ def finetune(
 
     store = feature_store if feature_store is not None else (
         shared_store(cache_memory or default_cache_memory()) if cache else None)
-    cacheable = cache and (transform.deterministic or cache_views > 0)
+    cacheable, cache_off = decide_cache(cache and (transform.deterministic or cache_views > 0),
+                                        train_data, val_data)
+    if cache_off is not None and not quiet and rank == 0:
+        print(f"zoo: {cache_off}", file=sys.stderr)
     hits_before, misses_before = (store.hits, store.misses) if store is not None else (0, 0)
     eval_transform = replace(transform, augment=False)
     if strat.extract_features and not cacheable:
         raise IncompatibleError("feature_extract computes the frozen features once, so it "
                                 "needs the feature cache (cache=True) and a deterministic "
                                 "input pipeline (augment=False, or cache_views=K); "
-                                "otherwise use linear_probe")
+                                "otherwise use linear_probe"
+                                + (f" ({cache_off})" if cache_off else ""))
     weights_key = (base_info or {}).get("sha256") or f"random-seed{seed}"
-    train_batches = Batches(train_data, batch_size, num_workers, dev.type == "cuda")
-    val_batches = Batches(val_data, batch_size * 2, num_workers, dev.type == "cuda") \
+    workers, pin = input_workers(num_workers, dev), dev.type == "cuda"
+    if any(d is not None and d.tensors is None for d in (train_data, val_data)) \
+            and not quiet and rank == 0:  # images read as they go: say how
+        print(f"zoo: reading images with {workers} DataLoader worker(s)"
+              f"{' into pinned memory' if pin else ''} for {dev}", file=sys.stderr)
+    train_batches = Batches(train_data, batch_size, workers, pin)
+    val_batches = Batches(val_data, batch_size * 2, workers, pin) \
         if val_data is not None else None
 
     def to_input(images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -656,7 +714,7 @@ def finetune(
                 state.apply(plan)
                 current_plan = run.plan = plan
                 cut = frozen_prefix(stages, plan) if stages else 0
-                split = SplitModel(model, stages, cut)
+                split = SplitModel(model, stages, cut, eval_modules=state.ungrouped())
                 wrapped = _wrap(split, world, dev, compile)
                 val_feats = cached_features(split, val_data, val_batches) \
                     if val_batches is not None else None
@@ -712,6 +770,7 @@ def finetune(
     keeper.restore(model)  # the kept epoch's weights: what is returned and saved
     model.eval()
     metrics = _metrics(run.history, train_time, model, plans, keeper)
+    metrics["input_pipeline"] = {"num_workers": workers, "pin_memory": pin}
     if keeper.note and not quiet and rank == 0:
         print(f"zoo: {keeper.note}", file=sys.stderr)
     if val_data is not None:  # the majority-class rate: what always guessing one class scores
@@ -719,6 +778,8 @@ def finetune(
     if store is not None and cacheable:
         metrics["feature_cache"] = {"hits": store.hits - hits_before,
                                     "misses": store.misses - misses_before}
+    elif cache_off is not None:  # the data forbade it: say so
+        metrics["feature_cache"] = {"used": False, "reason": cache_off}
     checkpoint = None
     if out is not None and rank == 0:
         from zoo.checkpoint import save_checkpoint
@@ -861,9 +922,10 @@ def _train_epoch(wrapped: nn.Module, split: SplitModel, batches: Iterator[Any],
     for idx, images, labels in batches:
         labels = labels.to(dev, non_blocking=True)
         if feats is not None:
-            x = feats[idx].to(dev, non_blocking=True)
-        else:
-            x = split.features(to_input(images))
+            x = gather(feats, idx, dev.type == "cuda").to(dev, non_blocking=True)
+        else:  # computed as the cache computes it (autocast, then float32)
+            with autocast():
+                x = split.features(to_input(images)).float()
         with autocast():
             logits = wrapped(x)
             loss = nn.functional.cross_entropy(logits.float(), labels)
@@ -889,8 +951,11 @@ def _evaluate_split(split: SplitModel, data: ImageData, batches: Batches,
         loss_sum, correct = 0.0, 0
         for idx, images, labels in batches(torch.arange(rank, len(data), world)):
             labels = labels.to(dev)
-            x = feats[idx].to(dev) if feats is not None else split.features(to_input(images,
-                                                                                     None))
+            if feats is not None:
+                x = feats[idx].to(dev)
+            else:  # computed as the cache computes it (autocast, then float32)
+                with autocast():
+                    x = split.features(to_input(images, None)).float()
             with autocast():
                 logits = split(x).float()
             loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
@@ -1077,6 +1142,7 @@ def evaluate(model: nn.Module, data: Any, *, batch_size: int = 128, split: str =
     names, num_classes = config.get("class_names"), config.get("num_classes")
     # a checkpoint's classes are known up front, so a mismatch is refused before any work
     tally = Tally(map_classes(names, num_classes, dataset)) if num_classes else None
+    transform, (dataset,) = prepare_inputs(transform, dataset)  # as finetune and predict fit
     was_training = model.training
     model.eval().to(dev)
     try:
