@@ -315,7 +315,8 @@ def _check_unit_range(images: Tensor, what: str) -> None:
 def load_data(data: Any, split: str = "train", *, limit_per_class: int | None = None,
               classes: Sequence[int | str] | None = None, strict: bool = False, seed: int = 0,
               image_size: int | tuple[int, int] | None = None,
-              in_memory: bool | None = None) -> ImageData:
+              in_memory: bool | None = None, image_column: str | None = None,
+              label_column: str | None = None) -> ImageData:
     """Load ``data`` as an :class:`ImageData`: a built-in name, an ImageFolder directory, an
     ``(x, y)`` pair of tensors, an ImageData (returned as is) or any torch Dataset.
 
@@ -342,6 +343,15 @@ def load_data(data: Any, split: str = "train", *, limit_per_class: int | None = 
     backbone's mean and std, so already-normalised ones are refused. A torch Dataset is read
     lazily, item by item; as it may draw a random transform on every read, the runner caches
     features computed from it only when it declares ``deterministic = True`` (an attribute).
+
+    Hugging Face datasets (the ``hf-datasets`` extra) load too: ``"hf:OWNER/NAME[:config]"``,
+    a folder written by ``save_to_disk``, a ``.parquet`` file, or a ``datasets.Dataset`` /
+    ``DatasetDict``; the image and label columns are the ``Image`` and ``ClassLabel``
+    features unless ``image_column`` / ``label_column`` name them, and a DatasetDict gives
+    its train, validation (or val) and test splits. Their images are cached like files
+    unless the dataset has a transform (``with_transform``). A ``.csv`` of ``path,label``
+    rows lists images relative to its folder; a row leaving the folder or passing through a
+    symbolic link is an error. Both split 80/20 as a folder does when they hold one split.
     """
     if split not in _SPLITS:
         raise ZooError(f"unknown split {split!r}; use one of {', '.join(_SPLITS)}")
@@ -360,17 +370,32 @@ def load_data(data: Any, split: str = "train", *, limit_per_class: int | None = 
         return _finish(full, classes, limit_per_class, seed, size)
     if isinstance(data, Dataset):
         return _finish(_wrap_dataset(data, size), classes, limit_per_class, seed, None)
+    from zoo import hf_data
+
+    columns = (image_column, label_column)
+    if hf_data.is_hf_object(data) or isinstance(data, hf_data.DataSource) or (
+            isinstance(data, str) and data.startswith("hf:")):
+        return _finish(hf_data.load_hf(data, split, *columns), classes, limit_per_class, seed,
+                       size)
     if isinstance(data, str | os.PathLike):
         text = os.fspath(data)
         if text in _BUILTINS:
             return _finish(_load_builtin(text, split), classes, limit_per_class, seed, size)
         path = Path(text).expanduser()
+        if hf_data.is_hf_path(path):
+            return _finish(hf_data.load_hf(text, split, *columns), classes, limit_per_class,
+                           seed, size)
+        if path.suffix.lower() == ".csv" and path.is_file():
+            return _load_files(path.parent, hf_data.load_csv(path, split), classes=classes,
+                               limit=limit_per_class, strict=strict, seed=seed, size=size,
+                               in_memory=in_memory)
         if path.is_dir():
             return _load_folder(path, split, classes=classes, limit=limit_per_class,
                                 strict=strict, seed=seed, size=size, in_memory=in_memory)
         if path.exists():
             raise ZooError(f"{text} is a file; pass an ImageFolder directory "
-                           "(DIR/<class>/*.jpg) or a built-in dataset name")
+                           "(DIR/<class>/*.jpg), a .csv of path,label rows, a .parquet file "
+                           "or a built-in dataset name")
         if os.sep in text or "/" in text or text.startswith((".", "~")):
             raise ZooError(f"dataset directory {text} does not exist")
         raise UnknownNameError.for_name(
@@ -561,7 +586,15 @@ def _load_folder(root: Path, split: str, *, classes: Sequence[int | str] | None,
     common size. Symbolic links inside ``root`` are never followed (see ``_image_files``),
     so every file is read from where it lies, once, in one split.
     """
-    found = _split_files(root, split)
+    return _load_files(root, _split_files(root, split), classes=classes, limit=limit,
+                       strict=strict, seed=seed, size=size, in_memory=in_memory)
+
+
+def _load_files(root: Path, found: _SplitFiles, *, classes: Sequence[int | str] | None,
+                limit: int | None, strict: bool, seed: int, size: tuple[int, int] | None,
+                in_memory: bool | None) -> ImageData:
+    """Decode (or list, to read lazily) the files of one split found in ``root``: an
+    ImageFolder's or a CSV's (see ``_load_folder``)."""
     if found.links:
         warnings.warn(f"ignored {len(found.links)} symbolic link(s) in "
                       f"{_shown(found.split_root)}, e.g. {_shown(found.links[0])}: zoo never "

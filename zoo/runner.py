@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from zoo.data import BatchTransform, ImageData, load_data, prepare_inputs
+from zoo.hf_data import is_dataset_dict
 from zoo.errors import IncompatibleError, ZooError
 from zoo.features import (
     CacheKey,
@@ -357,7 +358,9 @@ class BestEpoch:
     tie the earlier epoch stays. With ``keep="best"`` each improvement stores a CPU copy of
     the tensors the run can change (``changing_tensors``; frozen ones never move), and
     ``restore`` puts them back at the end. ``patience=N`` stops the run after N epochs in a
-    row without improvement. Without validation data the last epoch is kept.
+    row without improvement. Without validation data the last epoch is kept. With an EMA
+    (``ema_val_accuracy`` in the records) each epoch scores as the better of its raw and
+    averaged weights, and ``kept_weights`` says which the kept copy holds.
     """
 
     def __init__(self, keep: str, patience: int | None, names: Sequence[str],
@@ -371,24 +374,32 @@ class BestEpoch:
         self.score: tuple[float, float] | None = None
         self.tensors: dict[str, torch.Tensor] = {}
         self.stopped_early = False
+        self.source = "raw"  # which weights of the best epoch: "raw" or "ema"
 
     def _improves(self, epoch: int, record: Mapping[str, Any]) -> bool:
         """Whether ``epoch`` beats the best so far (then it becomes the best); also decides
         ``stopped_early``."""
         if "val_accuracy" not in record:
             return False
-        score = (record["val_accuracy"], -record["val_loss"])
+        score, source = (record["val_accuracy"], -record["val_loss"]), "raw"
+        if "ema_val_accuracy" in record:
+            averaged = (record["ema_val_accuracy"], -record["ema_val_loss"])
+            if averaged > score:
+                score, source = averaged, "ema"
         better = self.score is None or score > self.score
         if better:
-            self.epoch, self.score = epoch, score
+            self.epoch, self.score, self.source = epoch, score, source
         self.stopped_early = self.patience is not None and epoch - self.epoch >= self.patience
         return better
 
-    def update(self, model: nn.Module, epoch: int, record: Mapping[str, Any]) -> bool:
-        """Note ``epoch``'s record, copying the weights when it improves; True when the run
-        should stop (``patience`` epochs without improvement)."""
+    def update(self, model: nn.Module, epoch: int, record: Mapping[str, Any],
+               ema: Any = None) -> bool:
+        """Note ``epoch``'s record, copying the weights (the EMA's when they scored better)
+        when it improves; True when the run should stop (``patience`` epochs without
+        improvement)."""
         if self._improves(epoch, record) and self.names:
-            state = model.state_dict()
+            state = ema.shadow if self.source == "ema" and ema is not None \
+                else model.state_dict()
             self.tensors = {n: state[n].detach().to("cpu", copy=True) for n in self.names}
         return self.stopped_early
 
@@ -408,7 +419,8 @@ class BestEpoch:
         info: dict[str, Any] = {
             "keep": self.keep, "kept_epoch": history[self.kept(history)]["epoch"],
             "last_val_accuracy": history[-1].get("val_accuracy"),
-            "patience": self.patience, "stopped_early": self.stopped_early}
+            "patience": self.patience, "stopped_early": self.stopped_early,
+            "kept_weights": self.source if self.keep == "best" else "raw"}
         if self.note:
             info["keep_note"] = self.note
         return info
@@ -495,7 +507,7 @@ def finetune(
     seed: int = 0,
     callbacks: Sequence[Callback] = (),
     scheduler: str | Callable[[torch.optim.Optimizer], Any] | None = "cosine",
-    augment: bool = False,
+    augment: Any = False,
     limit_per_class: int | None = None,
     strict: bool = False,
     cache: bool = True,
@@ -515,6 +527,14 @@ def finetune(
     overwrite: bool = False,
     keep: str = "best",
     patience: int | None = None,
+    optimizer: str = "adamw",
+    momentum: float = 0.9,
+    label_smoothing: float = 0.0,
+    warmup_epochs: float = 0.0,
+    accumulate: int = 1,
+    clip_grad: float | None = None,
+    ema: float | None = None,
+    loggers: Sequence[str] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``backbone`` with ``strategy`` on ``train``; evaluate on ``val`` each epoch.
 
@@ -523,11 +543,22 @@ def finetune(
     ``weights="default"`` starts from the backbone's default pretrained weights (``None``:
     random). With ``output_dir`` a resumable state is saved after every epoch and the final
     model is saved as a checkpoint (``checkpoint_kind`` "auto", "delta" or "full": see
-    ``save_checkpoint``). With ``augment=True`` the frozen-prefix cache is off unless
-    ``cache_views=K``: then K augmented views of every training image are computed once and
-    epoch e uses view e % K.
-    ``scheduler`` is "cosine", None, or a callable ``optimizer -> scheduler`` stepped once
-    per epoch. The pretrained head is replaced by a fresh one for the new task unless
+    ``save_checkpoint``). ``augment`` is False, True (zoo's original pad-crop-flip, kept so
+    earlier runs repeat), a preset "none", "light", "standard" or "strong" (mixup/cutmix with
+    soft targets), a ``zoo.augment.Augmentation`` or any torchvision v2 pipeline; evaluation
+    never augments. Augmented runs keep the frozen-prefix cache only with ``cache_views=K``:
+    K augmented views of every training image are computed once and epoch e uses view e % K
+    (not with mixing). ``optimizer`` is "adamw" or "sgd" (``momentum``, Nesterov); norms and
+    biases get no ``weight_decay``. ``scheduler`` is "cosine", "linear", "step", "onecycle",
+    "constant" (stepped after every optimizer step, after ``warmup_epochs``, fractions
+    allowed), None, or a callable ``optimizer -> scheduler`` stepped once per epoch.
+    ``label_smoothing`` smooths the cross-entropy targets; ``accumulate=N`` steps every N
+    batches (the update of an N times larger batch); ``clip_grad`` clips the gradient norm.
+    ``ema=DECAY`` keeps an exponential moving average of the weights, evaluated each epoch
+    beside the raw ones (``ema_val_accuracy``); the best epoch keeps the better of the two
+    (metrics["kept_weights"]). ``loggers`` names logger callbacks (default: "csv" with an
+    ``output_dir``, and "console", a line per epoch, unless ``quiet``; "tensorboard" or a
+    plugin's); with ``output_dir`` the settings are written to ``run.yaml``. The pretrained head is replaced by a fresh one for the new task unless
     ``keep_head=True`` (same classes as the weights). ``strict=True`` refuses image files
     that do not decode (by default they are skipped and counted). ``image_size`` overrides
     the input resolution (e.g. 64 for a quick run; a ViT also needs
@@ -606,29 +637,35 @@ def finetune(
         model.to(memory_format=torch.channels_last)
     state = FreezeState(model, layer_groups)
     plans = plans_for(strat, names, epochs)  # checked: a bad plan names its plugin
-    optimizer = _optimizer(model, state.owner, plans, names, lr, weight_decay)
-    sched = _scheduler(scheduler, optimizer, epochs)
+    opt = _optimizer(model, state.owner, plans, names, lr, weight_decay, optimizer, momentum)
+    steps = math.ceil(math.ceil(math.ceil(len(train_data) / world) / batch_size) / accumulate)
+    batch_sched, epoch_sched = _scheduler(scheduler, opt, epochs, steps, warmup_epochs)
     stages = list(resolve_callable(spec.stages)(model)) if spec.stages else None
 
-    run = Run(spec, strat, model, optimizer, sched, names, epochs, dev)
+    run = Run(spec, strat, model, opt, batch_sched or epoch_sched, names, epochs, dev)
     keeper = BestEpoch(keep, patience, changing_tensors(model, state, plans), val_data is not None)
     out = Path(output_dir) if output_dir is not None else None
     config = _run_config(spec, strat, base_info, classes, train_data, transform, builder_kwargs,
                          dict(epochs=epochs, batch_size=batch_size, lr=lr,
-                              weight_decay=weight_decay, seed=seed, augment=augment,
+                              weight_decay=weight_decay, seed=seed, augment=_describe(augment),
                               scheduler=scheduler if isinstance(scheduler, str | None)
                               else "custom", limit_per_class=limit_per_class,
-                              keep=keeper.keep, patience=patience))
+                              keep=keeper.keep, patience=patience, optimizer=optimizer,
+                              momentum=momentum, label_smoothing=label_smoothing,
+                              warmup_epochs=warmup_epochs, accumulate=accumulate,
+                              clip_grad=clip_grad, ema=ema))
     model.zoo_config = config  # type: ignore[assignment]
     start_epoch = 0
     if resume is not None:
         start_epoch = _restore(Path(resume), run, config, keeper)
         out = out or Path(resume)
 
+    mixer = _batch_mixer(transform, classes, label_smoothing, cache_views)
     store = feature_store if feature_store is not None else (
         shared_store(cache_memory or default_cache_memory()) if cache else None)
-    cacheable, cache_off = decide_cache(cache and (transform.deterministic or cache_views > 0),
-                                        train_data, val_data)
+    cacheable, cache_off = decide_cache(
+        cache and mixer is None and (transform.deterministic or cache_views > 0),
+        train_data, val_data)
     if cache_off is not None and not quiet and rank == 0:
         print(f"zoo: {cache_off}", file=sys.stderr)
     hits_before, misses_before = (store.hits, store.misses) if store is not None else (0, 0)
@@ -665,6 +702,11 @@ def finetune(
 
     scaler = torch.amp.GradScaler(enabled=use_amp and dev.type == "cuda"
                                   and not torch.cuda.is_bf16_supported())
+    parts = _step_parts(opt, model, label_smoothing, accumulate, clip_grad, scaler, batch_sched,
+                        mixer, ema)
+    callbacks = [*callbacks, *(_loggers(loggers, out, quiet) if rank == 0 else [])]
+    if out is not None and rank == 0:
+        _write_run_file(out, locals())
 
     def cached_features(split: SplitModel, data: ImageData, batches: Batches,
                         view: int | None = None) -> torch.Tensor | None:
@@ -728,9 +770,10 @@ def finetune(
             aug_gen.manual_seed(seed * 7_919 + epoch)
             progress = _progress(len(order), batch_size, f"epoch {epoch + 1}/{epochs}",
                                  quiet or rank != 0)
+            lrs = {g["name"]: g["lr"] for g in opt.param_groups}  # as this epoch starts
             sums = _train_epoch(wrapped, split, train_batches(order), train_feats,
-                                functools.partial(to_input, generator=aug_gen), autocast, optimizer,
-                                scaler, dev, progress)
+                                functools.partial(to_input, generator=aug_gen), autocast, parts,
+                                aug_gen, dev, progress)
             loss_sum, correct, seen = all_reduce_sums(sums, world, dev)
             sync_buffers(model, world)  # one model on every rank, to validate and to save
             train_loss = loss_sum / max(seen, 1)
@@ -739,20 +782,21 @@ def finetune(
                 "epoch": epoch + 1,
                 "train_loss": train_loss,
                 "train_accuracy": correct / max(seen, 1),
-                # the rates this epoch trained with, before the scheduler moves them
-                "lrs": {g["name"]: g["lr"] for g in optimizer.param_groups},
+                # the rates as this epoch started (a per-batch schedule moves them within it)
+                "lrs": lrs, "lr": max(lrs.values()),
             }
-            if sched is not None:
-                sched.step()
+            if epoch_sched is not None:
+                epoch_sched.step()
             if val_data is not None:
-                record.update(_evaluate_split(split, val_data, val_batches, val_feats,
-                                              to_input, autocast, dev, rank, world))
+                evaluate_val = functools.partial(_evaluate_split, split, val_data, val_batches,
+                                                 val_feats, to_input, autocast, dev, rank, world)
+                record.update(_evaluate_with_ema(evaluate_val, parts.ema, model))
             record["trainable_params"] = count_parameters(model, trainable_only=True)
             record["epoch_time_s"] = time.perf_counter() - epoch_start
             record["time_s"] = elapsed_before + time.perf_counter() - started
             _check_finite(model, epoch, {"validation loss": record.get("val_loss", 0.0)}, out, lr)
             run.history.append(record)
-            run.stop = keeper.update(model, epoch, record) or run.stop  # patience ran out
+            run.stop = keeper.update(model, epoch, record, parts.ema) or run.stop  # patience
             if out is not None and rank == 0:
                 _save_resume(out, run, epoch, config, keeper.state())
             for cb in callbacks:
@@ -830,7 +874,7 @@ def _check_finite(model: nn.Module, epoch: int, losses: Mapping[str, float], out
 def _validation_data(train: Any, val: Any, seed: int, strict: bool) -> ImageData | None:
     if val is not None:
         return load_data(val, "val", seed=seed, strict=strict)
-    if isinstance(train, str | os.PathLike):
+    if isinstance(train, str | os.PathLike) or is_dataset_dict(train):
         return load_data(train, "val", seed=seed, strict=strict)
     return None
 
@@ -863,33 +907,153 @@ def _check_channels(data: ImageData, transform: BatchTransform) -> None:
                        "convert the images (grey images are expanded automatically)")
 
 
-def _transform(spec: Backbone, weights: Any, augment: bool, model: nn.Module) -> BatchTransform:
+def _transform(spec: Backbone, weights: Any, augment: Any, model: nn.Module) -> BatchTransform:
+    """The training transform. ``augment=True`` keeps zoo's original pad-crop-flip (so runs
+    made before the presets repeat bitwise); a preset name, an ``Augmentation`` or a v2
+    pipeline gives an ``AugmentTransform`` (``zoo.augment``)."""
+    plain = isinstance(augment, bool)
+    flag = augment if plain else False
     if weights is None or model.zoo_weights is None:
-        return BatchTransform(spec.input_size, spec.mean, spec.std, augment=augment)
-    return transforms_for(spec, weights, augment=augment)
+        base = BatchTransform(spec.input_size, spec.mean, spec.std, augment=flag)
+    else:
+        base = transforms_for(spec, weights, augment=flag)
+    if plain:
+        return base
+    from zoo.augment import AugmentTransform
+
+    return AugmentTransform.wrap(base, augment)
+
+
+def _describe(augment: Any) -> Any:
+    """``augment`` as a plain value for the run's config."""
+    if augment is None or isinstance(augment, bool | str):
+        return augment
+    return getattr(augment, "preset", None) if getattr(augment, "pipeline", 1) is None \
+        else "custom"
+
+
+def _batch_mixer(transform: BatchTransform, classes: int, label_smoothing: float,
+                 cache_views: int) -> Any:
+    """The mixup/cutmix mixer the augmentation asks for (``strong``), else None. Mixing
+    happens on images before the frozen prefix, so cached views cannot hold it."""
+    augmentation = getattr(transform, "augmentation", None)
+    mixer = augmentation.batch_mix(classes, label_smoothing) \
+        if augmentation is not None and transform.augment else None
+    if mixer is not None and cache_views > 0:
+        raise ZooError("cache_views cannot hold mixup/cutmix (augment='strong' mixes images "
+                       "before the frozen prefix); drop cache_views or use augment='standard'")
+    return mixer
 
 
 def _optimizer(model: nn.Module, owner: Mapping[str, str], plans: Sequence[Plan],
-               names: Sequence[str], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW with one param group per layer group, each at the lr it will train with."""
+               names: Sequence[str], lr: float, weight_decay: float, name: str = "adamw",
+               momentum: float = 0.9) -> torch.optim.Optimizer:
+    """AdamW or SGD with each layer group at the lr it will train with, split into a decayed
+    and an undecayed half (no decay on norms and biases, ``zoo.optim.build_optimizer``)."""
+    from zoo.optim import build_optimizer
+
     params: dict[str, list[nn.Parameter]] = {n: [] for n in names}
     for pname, p in model.named_parameters():
         params[owner[pname]].append(p)
     groups = []
-    for name in names:
-        active = next((p[name] for p in plans if p[name].trainable), plans[0][name])
-        groups.append({"params": params[name], "lr": lr * active.lr_scale, "name": name})
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    for group in names:
+        active = next((p[group] for p in plans if p[group].trainable), plans[0][group])
+        groups.append({"params": params[group], "lr": lr * active.lr_scale, "name": group})
+    return build_optimizer(groups, name, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                           model=model)
 
 
-def _scheduler(choice: Any, optimizer: torch.optim.Optimizer, epochs: int) -> Any:
+def _scheduler(choice: Any, optimizer: torch.optim.Optimizer, epochs: int, steps: int,
+               warmup_epochs: float) -> tuple[Any, Any]:
+    """``(per-batch schedule, per-epoch schedule)``: a name gives the first (stepped after
+    each optimizer step, ``zoo.optim.build_scheduler``), a callable the second."""
+    from zoo.optim import SCHEDULES, build_scheduler
+
     if choice is None:
-        return None
-    if choice == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+        if warmup_epochs:
+            return build_scheduler(optimizer, "constant", epochs=epochs, steps_per_epoch=steps,
+                                   warmup_epochs=warmup_epochs), None
+        return None, None
+    if isinstance(choice, str) and choice in SCHEDULES:
+        return build_scheduler(optimizer, choice, epochs=epochs, steps_per_epoch=steps,
+                               warmup_epochs=warmup_epochs), None
     if callable(choice):
-        return choice(optimizer)
-    raise ZooError(f"unknown scheduler {choice!r}; use 'cosine', None or a callable")
+        return None, choice(optimizer)
+    raise ZooError(f"unknown scheduler {choice!r}; use one of {', '.join(SCHEDULES)}, None "
+                   "or a callable")
+
+
+@dataclass
+class StepParts:
+    """What a training batch needs besides the model: the loss, the stepper (accumulation,
+    clipping, AMP scaler, per-batch schedule), the mixup/cutmix mixer and the EMA."""
+
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    stepper: Any
+    mixer: Any = None
+    ema: Any = None
+
+
+def _step_parts(optimizer: torch.optim.Optimizer, model: nn.Module, label_smoothing: float,
+                accumulate: int, clip_grad: float | None, scaler: Any, batch_sched: Any,
+                mixer: Any, ema: float | None) -> StepParts:
+    from zoo.optim import GradientStep, classification_loss
+
+    stepper = GradientStep(optimizer, accumulate=accumulate, clip_grad=clip_grad, scaler=scaler,
+                           scheduler=batch_sched)
+    average = None
+    if ema is not None:
+        from zoo.ema import ModelEma
+
+        average = ModelEma(model, ema)
+    return StepParts(classification_loss(label_smoothing), stepper, mixer, average)
+
+
+def _loggers(names: Sequence[str] | None, out: Path | None, quiet: bool) -> list[Callback]:
+    """The run's logger callbacks: by default ``metrics.csv`` when there is a run folder,
+    and the live line per epoch unless ``quiet``."""
+    from zoo.loggers import make_loggers
+
+    if names is None:
+        names = ["csv"] if out is not None else []
+        names = names if quiet else [*names, "console"]
+    elif quiet:
+        names = [n for n in names if n != "console"]
+    return make_loggers(list(names), out)
+
+
+RUN_FILE = "run.yaml"
+# Settings that say where a run goes, not how it trains: never in run.yaml.
+_NOT_IN_RUN_FILE = ("output_dir", "resume", "overwrite", "callbacks", "feature_store", "quiet")
+
+
+def _write_run_file(out: Path, values: Mapping[str, Any]) -> None:
+    """``run.yaml``: every ``finetune`` setting a file can hold (names, numbers, paths);
+    Python objects (tensors, callables, Datasets) are left out."""
+    from zoo.checkpoint import claim_output_dir
+    from zoo.runfile import _plain, run_keys, write_run
+
+    settings = {}
+    for key in run_keys():
+        if key in _NOT_IN_RUN_FILE or key not in values:
+            continue
+        try:
+            settings[key] = _plain(values[key], key)
+        except ZooError:
+            continue
+    claim_output_dir(out)
+    write_run(out / RUN_FILE, settings)
+
+
+def _evaluate_with_ema(evaluate_val: Callable[[], dict[str, float]], ema: Any,
+                       model: nn.Module) -> dict[str, float]:
+    """Validation numbers of the raw weights, and of the EMA weights (``ema_val_*``)."""
+    record = evaluate_val()
+    if ema is not None:
+        with ema.applied(model):
+            averaged = evaluate_val()
+        record.update({f"ema_{k}": v for k, v in averaged.items()})
+    return record
 
 
 def _wrap(split: SplitModel, world: int, dev: torch.device, compile: bool) -> nn.Module:
@@ -905,39 +1069,45 @@ def _wrap(split: SplitModel, world: int, dev: torch.device, compile: bool) -> nn
 
 
 def _progress(total_items: int, batch_size: int, desc: str, disable: bool) -> Any:
-    from tqdm.auto import tqdm
+    """A progress bar over the epoch's batches, drawn only on a terminal."""
+    from zoo.loggers import progress_bar
 
-    return tqdm(total=math.ceil(total_items / batch_size), desc=desc, disable=disable,
-                leave=False, unit="batch")
+    return progress_bar(math.ceil(total_items / batch_size), desc, quiet=disable)
 
 
 def _train_epoch(wrapped: nn.Module, split: SplitModel, batches: Iterator[Any],
                  feats: torch.Tensor | None, to_input: Callable, autocast: Callable,
-                 optimizer: torch.optim.Optimizer, scaler: Any, dev: torch.device,
+                 parts: StepParts, generator: torch.Generator | None, dev: torch.device,
                  progress: Any) -> tuple[float, float, float]:
-    """One optimizer step per batch; returns this rank's loss sum, correct count, samples."""
+    """One backward per batch, an optimizer step every ``accumulate`` batches (and one for a
+    partial accumulation at the end), the EMA after each step; returns this rank's loss sum,
+    correct count (against the unmixed labels) and samples."""
     loss_sum = torch.zeros((), device=dev)
     correct = torch.zeros((), device=dev, dtype=torch.long)
     seen = 0
     for idx, images, labels in batches:
         labels = labels.to(dev, non_blocking=True)
+        targets = labels
         if feats is not None:
             x = gather(feats, idx, dev.type == "cuda").to(dev, non_blocking=True)
         else:  # computed as the cache computes it (autocast, then float32)
             with autocast():
-                x = split.features(to_input(images)).float()
+                inputs = to_input(images)
+                if parts.mixer is not None:  # mixup/cutmix: soft targets
+                    inputs, targets = parts.mixer(inputs, labels, generator)
+                x = split.features(inputs).float()
         with autocast():
             logits = wrapped(x)
-            loss = nn.functional.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+            loss = parts.loss(logits, targets)
+        if parts.stepper.backward(loss) and parts.ema is not None:
+            parts.ema.update(split.model)
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
         progress.update(1)
     progress.close()
+    if parts.stepper.flush() and parts.ema is not None:
+        parts.ema.update(split.model)
     return float(loss_sum), float(correct), float(seen)
 
 
@@ -969,6 +1139,9 @@ def _metrics(history: list[dict[str, Any]], train_time: float, model: nn.Module,
     """The kept epoch's numbers (``val_accuracy`` is the returned model's), the run's totals
     and the choice of epoch (``kept_epoch``, ``last_val_accuracy``...)."""
     kept = history[keeper.kept(history)] if history else {}
+    if keeper.source == "ema" and keeper.keep == "best":  # the averaged weights' numbers
+        kept = {**kept, "val_accuracy": kept["ema_val_accuracy"],
+                "val_loss": kept["ema_val_loss"]}
     vals = [h["val_accuracy"] for h in history if "val_accuracy" in h]
     return {
         "val_accuracy": kept.get("val_accuracy"),
