@@ -54,6 +54,9 @@ _LAZY = {
     "load_run": "zoo.runfile",
     "write_run": "zoo.runfile",
     "lr_find": "zoo.lr_find",
+    "predict": "zoo.inference",
+    "embed": "zoo.inference",
+    "save_embeddings": "zoo.inference",
 }
 
 __all__ = [

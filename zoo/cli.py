@@ -318,25 +318,27 @@ def _evaluation_text(metrics: dict[str, Any], max_rows: int = 100) -> str:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    import torch
-
-    from zoo.data import load_image
-    from zoo.runner import transform_from_config
+    from zoo.inference import predict_indexed
 
     if args.top_k < 1:
         raise UsageError(f"--top-k must be 1 or more, got {args.top_k}")
-    model = _load_model(args.checkpoint)
-    config = model.zoo_config
-    transform = transform_from_config(config["preprocessing"])
-    names = config.get("class_names") or [str(i) for i in range(config["num_classes"])]
-    for image_path in args.images:
-        image = load_image(image_path, channels=transform.input_size[0])
-        with torch.no_grad():
-            probs = model(transform.prepare_image(image)).softmax(1)[0]
-        top = probs.topk(min(args.top_k, len(probs)))
+    rows = predict_indexed(args.checkpoint, args.images, top_k=args.top_k,
+                           batch_size=args.batch_size, device=args.device)
+    for image_path, row in zip(args.images, rows, strict=True):
         print(image_path)
-        for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-            print(f"  {p:6.2%}  {i:4d}  {names[i]}")
+        for i, name, p in row:
+            print(f"  {p:6.2%}  {i:4d}  {name}")
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    from zoo.inference import check_embedding_path, embed, save_embeddings
+
+    check_embedding_path(args.out, args.overwrite)  # before the slow part
+    vectors = embed(args.checkpoint, args.images, at=args.at, batch_size=args.batch_size,
+                    device=args.device)
+    out = save_embeddings(vectors, args.out, overwrite=args.overwrite,
+                          metadata={"at": args.at or "head-input", "images": str(len(vectors))})
+    print(f"wrote {len(vectors)} embeddings of shape {tuple(vectors.shape[1:])} to {out}")
 
 
 def cmd_weights_download(args: argparse.Namespace) -> None:
@@ -497,6 +499,12 @@ def build_parser() -> Parser:
     p = sub.add_parser("datasets", help="built-in datasets")
     p.set_defaults(func=cmd_datasets)
 
+    def data_columns(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--image-column", help="a Hugging Face dataset's image column "
+                       "(default: its Image feature)")
+        p.add_argument("--label-column", help="a Hugging Face dataset's label column "
+                       "(default: its ClassLabel feature)")
+
     def common_training(p: argparse.ArgumentParser) -> None:
         p.add_argument("--epochs", type=int, default=3)
         p.add_argument("--batch-size", type=int, default=64)
@@ -506,6 +514,7 @@ def build_parser() -> Parser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--strict", action="store_true",
                        help="refuse image files that do not decode (default: skip and count)")
+        data_columns(p)
 
     def keep_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--keep", choices=("best", "last"), default="best",
@@ -562,13 +571,27 @@ def build_parser() -> Parser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", help="a new or empty folder (or an earlier evaluation's) for "
                                  "evaluation.json and confusion_matrix.png")
+    data_columns(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="top-k classes for images")
     p.add_argument("checkpoint", help="checkpoint directory or hf-hub:REPO")
     p.add_argument("images", nargs="+")
     p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("embed", help="feature vectors for images, to .npy or .safetensors")
+    p.add_argument("checkpoint", help="checkpoint directory or hf-hub:REPO")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", required=True, help="FILE.npy or FILE.safetensors")
+    p.add_argument("--at", metavar="GROUP",
+                   help="the output of this layer group (default: the head's input)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("weights", help="manage pretrained weights")
     wsub = p.add_subparsers(dest="weights_command", metavar="ACTION", parser_class=Parser)
@@ -672,6 +695,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "func", None):
             build_parser().print_help()
             return 2
+        _name_columns(args)
         args.func(args)
         return 0
     except ZooError as exc:
@@ -690,6 +714,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"zoo: internal error: {type(exc).__name__}: {_one_line(exc)} "
               "(run with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _name_columns(args: argparse.Namespace) -> None:
+    """Carry --image-column / --label-column with --data and --val (a str subclass, so the
+    commands pass and record them as data names)."""
+    columns = (getattr(args, "image_column", None), getattr(args, "label_column", None))
+    if columns == (None, None):
+        return
+    from zoo.hf_data import DataSource
+
+    for key in ("data", "val"):
+        if getattr(args, key, None) is not None:
+            setattr(args, key, DataSource(getattr(args, key), *columns))
 
 
 def _one_line(exc: BaseException) -> str:
