@@ -30,7 +30,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from zoo.data import BatchTransform, ImageData, load_data, prepare_inputs
-from zoo.hf_data import is_dataset_dict
 from zoo.errors import IncompatibleError, ZooError
 from zoo.features import (
     CacheKey,
@@ -39,6 +38,7 @@ from zoo.features import (
     default_cache_memory,
     shared_store,
 )
+from zoo.hf_data import is_dataset_dict
 from zoo.models import (
     assign_groups,
     count_parameters,
@@ -558,7 +558,8 @@ def finetune(
     beside the raw ones (``ema_val_accuracy``); the best epoch keeps the better of the two
     (metrics["kept_weights"]). ``loggers`` names logger callbacks (default: "csv" with an
     ``output_dir``, and "console", a line per epoch, unless ``quiet``; "tensorboard" or a
-    plugin's); with ``output_dir`` the settings are written to ``run.yaml``. The pretrained head is replaced by a fresh one for the new task unless
+    plugin's); with ``output_dir`` the settings are written to ``run.yaml``.
+    The pretrained head is replaced by a fresh one for the new task unless
     ``keep_head=True`` (same classes as the weights). ``strict=True`` refuses image files
     that do not decode (by default they are skipped and counted). ``image_size`` overrides
     the input resolution (e.g. 64 for a quick run; a ViT also needs
@@ -705,8 +706,6 @@ def finetune(
     parts = _step_parts(opt, model, label_smoothing, accumulate, clip_grad, scaler, batch_sched,
                         mixer, ema)
     callbacks = [*callbacks, *(_loggers(loggers, out, quiet) if rank == 0 else [])]
-    if out is not None and rank == 0:
-        _write_run_file(out, locals())
 
     def cached_features(split: SplitModel, data: ImageData, batches: Batches,
                         view: int | None = None) -> torch.Tensor | None:
@@ -829,6 +828,7 @@ def finetune(
         from zoo.checkpoint import save_checkpoint
 
         _check_finite(model, len(run.history) - 1, {}, out, lr)  # never save nan weights
+        _write_run_file(out, locals())
 
         checkpoint = save_checkpoint(model, out, kind=checkpoint_kind, metrics=metrics,
                                      strategy=strat, history=run.history)

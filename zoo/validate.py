@@ -296,8 +296,26 @@ FINETUNE_RULES: dict[str, Rule] = {
                    "a folder path, not an existing file"),
     "resume": (_optional(_is_path), "None or the folder of an earlier run"),
     "seed": (_int_in(0, MAX_SEED), f"a whole number from 0 to {MAX_SEED}"),
-    "scheduler": (lambda v: v is None or callable(v) or (isinstance(v, str) and v == "cosine"),
-                  "'cosine', None or a callable optimizer -> scheduler"),
+    "scheduler": (lambda v: v is None or callable(v) or (isinstance(v, str) and v in (
+        "cosine", "linear", "step", "onecycle", "constant")),
+        "'cosine', 'linear', 'step', 'onecycle', 'constant', None or a callable "
+        "optimizer -> scheduler"),
+    "augment": (lambda v: isinstance(v, bool) or (isinstance(v, str) and v in (
+        "none", "light", "standard", "strong")) or callable(v),
+        "True, False, 'none', 'light', 'standard', 'strong', an Augmentation or a "
+        "torchvision v2 transform"),
+    "optimizer": (lambda v: isinstance(v, str) and v in ("adamw", "sgd"), "'adamw' or 'sgd'"),
+    "momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number from 0 to below 1"),
+    "label_smoothing": (lambda v: _is_number(v) and 0 <= v < 1,
+                        "a number from 0 to below 1"),
+    "warmup_epochs": (lambda v: _is_number(v) and 0 <= v <= MAX_EPOCHS,
+                      "a number of epochs >= 0 (fractions allowed)"),
+    "accumulate": (_int_in(1, 4096), "a whole number of batches from 1 to 4096"),
+    "clip_grad": (_optional(lambda v: _is_number(v) and v > 0), "None or a number > 0"),
+    "ema": (_optional(lambda v: _is_number(v) and 0 < v < 1),
+            "None or an EMA decay between 0 and 1 (e.g. 0.999)"),
+    "loggers": (_optional(lambda v: isinstance(v, list | tuple) and all(
+        isinstance(n, str) and n for n in v)), "None or a list of logger names"),
     "limit_per_class": (_optional(_int_in(1)), "None or a whole number >= 1"),
     "cache_memory": (_optional(_int_in(0)), "None or a number of bytes >= 0"),
     "cache_views": (_int_in(0), "a whole number >= 0"),
@@ -314,7 +332,7 @@ FINETUNE_RULES: dict[str, Rule] = {
                  f"None or a whole number of epochs from 1 to {MAX_EPOCHS}"),
     "channels_last": (_optional(_is_flag), "True, False or None"),
     **{flag: (_is_flag, "True or False")
-       for flag in ("augment", "strict", "cache", "quiet", "compile", "keep_head",
+       for flag in ("strict", "cache", "quiet", "compile", "keep_head",
                     "overwrite")},
 }
 
