@@ -242,11 +242,10 @@ def load_csv(path: Path, split: str) -> _SplitFiles:
                        "path,label rows") from None
     except (OSError, csv.Error) as exc:
         raise ZooError(f"cannot read {_shown(path)}: {exc}") from None
-    if rows and [c.strip().lower() for c in rows[0]] == ["path", "label"]:
-        rows = rows[1:]
+    header = bool(rows) and [c.strip().lower() for c in rows[0]] == ["path", "label"]
     files: list[str] = []
     names: list[str] = []
-    for number, row in enumerate(rows, start=1):
+    for number, row in enumerate(rows[header:], start=1 + header):  # numbered as lines
         if not row or not "".join(row).strip():
             continue
         if len(row) != 2 or not row[0].strip() or not row[1].strip():

@@ -32,7 +32,9 @@ def run_keys() -> list[str]:
 
 def _plain(value: Any, where: str) -> Any:
     """``value`` as YAML/JSON-safe plain data, or a ZooError naming ``where``."""
-    if value is None or isinstance(value, bool | int | str):
+    if isinstance(value, str):
+        return str(value)  # a str subclass (zoo.hf_data.DataSource) as the plain name
+    if value is None or isinstance(value, bool | int):
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
