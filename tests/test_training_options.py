@@ -221,3 +221,72 @@ def test_run_file_replays_to_the_same_checkpoint(base: str, tmp_path: Path) -> N
     assert first.checkpoint is not None and again.checkpoint is not None
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == \
         (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_cli_flags_and_config_replay(base: str, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 15 run files and CLI: ``zoo finetune`` takes the new flags and writes run.yaml;
+    ``--config run.yaml`` replays it to a bitwise identical checkpoint, and a flag given on
+    the command line overrides the file."""
+    from zoo.cli import main
+
+    first = tmp_path / "first"
+    argv = ["finetune", "--backbone", base, "--strategy", "partial", "--data", "digits",
+            "--limit-per-class", "2", "--epochs", "2", "--image-size", "16", "--quiet",
+            "--augment", "standard", "--optimizer", "sgd", "--momentum", "0.8",
+            "--label-smoothing", "0.1", "--warmup-epochs", "0.5", "--scheduler", "linear",
+            "--accumulate", "2", "--batch-size", "5", "--clip-grad", "1.0", "--ema", "0.9",
+            "--weight-decay", "0.02", "--out", str(first)]
+    assert main(argv) == 0
+    settings = zoo.load_run(first / "run.yaml")
+    assert (settings["augment"], settings["accumulate"], settings["clip_grad"]) == \
+        ("standard", 2, 1.0)
+    assert (first / "metrics.csv").is_file()
+    replay = tmp_path / "replay"
+    assert main(["finetune", "--config", str(first / "run.yaml"), "--out", str(replay)]) == 0
+    assert (first / "model.safetensors").read_bytes() == \
+        (replay / "model.safetensors").read_bytes()
+    shorter = tmp_path / "shorter"
+    assert main(["finetune", "--config", str(first / "run.yaml"), "--epochs", "1",
+                 "--out", str(shorter)]) == 0
+    assert zoo.load_run(shorter / "run.yaml")["epochs"] == 1
+    assert zoo.load_run(shorter / "run.yaml")["optimizer"] == "sgd"  # the rest replayed
+    capsys.readouterr()
+
+
+def test_cli_help_shows_every_default_and_plan_matches_finetune(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 15 parity: finetune's and compare's --help give each default; compare takes
+    every finetune option; plan and finetune default to the same epochs."""
+    from zoo.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    finetune_p, compare_p, plan_p = (sub.choices[n] for n in ("finetune", "compare", "plan"))
+    for p in (finetune_p, compare_p):
+        text = " ".join(p.format_help().split())
+        for flag in ("--epochs", "--batch-size", "--lr", "--weight-decay", "--scheduler"):
+            assert flag in text
+        assert "(default: cosine)" in text and "(default: 0.01)" in text
+    compare_flags = {s for a in compare_p._actions for s in a.option_strings}
+    finetune_only = {"--backbone", "--strategy", "--out", "--overwrite", "--resume",
+                     "--checkpoint", "--config"}
+    missing = {s for a in finetune_p._actions for s in a.option_strings} - compare_flags \
+        - finetune_only
+    assert not missing
+    assert plan_p.get_default("epochs") == finetune_p.get_default("epochs") == 3
+
+
+def test_compare_takes_per_strategy_options() -> None:
+    """Issue 15 parity: ``zoo compare --option partial.freeze_to=block`` reaches only the
+    partial runs; an unknown strategy prefix is one clear error."""
+    from zoo.cli import UsageError, _strategy_options
+
+    assert _strategy_options(["partial.freeze_to=block", "lr_scale=2"],
+                             ["partial", "scratch", "full"]) == \
+        {"partial": {"freeze_to": "block", "lr_scale": 2}, "full": {"lr_scale": 2}}
+    with pytest.raises(UsageError, match="'gradual' is not one of --strategies"):
+        _strategy_options(["gradual.every=2"], ["partial"])

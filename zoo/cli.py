@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import itertools
 import json
 import os
@@ -209,29 +210,70 @@ def new_run_dir(backbone: str, strategy: str, root: Path = Path("runs"),
     raise AssertionError("unreachable")
 
 
+def _training_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``finetune`` keyword arguments that ``zoo finetune`` and ``zoo compare`` share."""
+    loggers = ["csv", "tensorboard", "console"] if getattr(args, "tensorboard", False) else None
+    return dict(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, device=args.device, augment=args.augment,
+        cache=not args.no_cache, cache_views=args.cache_views,
+        limit_per_class=args.limit_per_class, quiet=args.quiet, image_size=args.image_size,
+        strict=args.strict, keep=args.keep, patience=args.patience, optimizer=args.optimizer,
+        momentum=args.momentum, label_smoothing=args.label_smoothing,
+        warmup_epochs=args.warmup_epochs,
+        scheduler=None if args.scheduler == "none" else args.scheduler,
+        accumulate=args.accumulate, clip_grad=args.clip_grad, ema=args.ema, loggers=loggers)
+
+
+def _finetune_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Every ``finetune`` keyword argument ``zoo finetune``'s flags give."""
+    return dict(
+        backbone=args.backbone, strategy=args.strategy, train=args.data, val=args.val,
+        weights=None if args.weights in ("none", "random") else args.weights,
+        strategy_options=_options(args.option), seed=args.seed,
+        checkpoint_kind=args.checkpoint, **_training_kwargs(args))
+
+
+def _with_run_file(args: argparse.Namespace) -> dict[str, Any]:
+    """``zoo finetune``'s settings: those of ``--config FILE`` with every flag given on the
+    command line (one that differs from its default) taking precedence."""
+    given = _finetune_kwargs(args)
+    if args.config is None:
+        missing = [f"--{k}" for k in ("backbone", "strategy", "data")
+                   if getattr(args, k) is None]
+        if missing:
+            raise UsageError(f"zoo finetune needs {', '.join(missing)} (or --config RUN.yaml)")
+        return given
+    import zoo
+
+    settings = zoo.load_run(args.config)
+    defaults = _finetune_kwargs(argparse.Namespace(**args.parser_defaults()))
+    explicit = {k: v for k, v in given.items() if v != defaults[k]}
+    merged = {**given, **settings, **explicit}
+    missing = [k for k in ("backbone", "strategy", "train") if merged.get(k) is None]
+    if missing:
+        raise UsageError(f"{args.config} names no {missing[0]}; add it there or on the "
+                         "command line")
+    return merged
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
     import zoo
 
-    weights = None if args.weights in ("none", "random") else args.weights
-    if weights == "default":
-        _require_default_weights(args.backbone, args.strategy, _options(args.option))
+    kwargs = _with_run_file(args)
+    if kwargs["weights"] == "default":
+        _require_default_weights(kwargs["backbone"], kwargs["strategy"],
+                                 dict(kwargs["strategy_options"] or {}))
     out = args.out
     if out is None and args.resume is None:  # a trained model is never thrown away
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UsageError("under torchrun pass --out DIR: every process must name the "
                              "same folder")
-        out = new_run_dir(args.backbone, args.strategy)
+        out = new_run_dir(kwargs["backbone"], kwargs["strategy"])
         print(f"saving the run to {out} (choose the folder with --out)", flush=True)
     try:
-        result = zoo.finetune(
-            args.backbone, args.strategy, args.data, args.val, epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, weights=weights,
-            strategy_options=_options(args.option), output_dir=out, device=args.device,
-            seed=args.seed, augment=args.augment, limit_per_class=args.limit_per_class,
-            cache=not args.no_cache, checkpoint_kind=args.checkpoint, resume=args.resume,
-            quiet=args.quiet, image_size=args.image_size, strict=args.strict,
-            overwrite=args.overwrite, keep=args.keep, patience=args.patience,
-        )
+        result = zoo.finetune(**kwargs, output_dir=out, resume=args.resume,
+                              overwrite=args.overwrite)
     except BaseException:
         if out is not None and args.out is None:
             with contextlib.suppress(OSError):  # only if still empty: nothing was trained
@@ -413,16 +455,36 @@ def cmd_lr_find(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from zoo.compare import compare, format_table
 
+    kwargs = _training_kwargs(args)
     result = compare(
-        args.backbones, args.strategies, args.data, args.val, epochs=args.epochs,
-        budget=args.budget, output_dir=args.out, seeds=tuple(args.seeds),
-        batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
-        limit_per_class=args.limit_per_class, strategy_options=None, quiet=args.quiet,
-        strict=args.strict, keep=args.keep, patience=args.patience,
+        args.backbones, args.strategies, args.data, args.val, budget=args.budget,
+        output_dir=args.out, seeds=tuple(args.seeds),
+        weights=None if args.weights in ("none", "random") else args.weights,
+        strategy_options=_strategy_options(args.option, args.strategies), **kwargs,
     )
     print(format_table(result))
     print("\n" + "\n".join(result.summary["lines"]))
     print(f"\nreport: {result.report_path}")
+
+
+def _strategy_options(pairs: Sequence[str] | None,
+                      strategies: Sequence[str]) -> dict[str, dict[str, Any]] | None:
+    """``zoo compare``'s ``--option``: ``STRATEGY.KEY=VALUE`` for one strategy, ``KEY=VALUE``
+    for every strategy that is not ``scratch``."""
+    if not pairs:
+        return None
+    result: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        key = pair.partition("=")[0]
+        name, dot, _ = key.partition(".")
+        if dot and name not in strategies:
+            raise UsageError(f"--option {pair}: {name!r} is not one of --strategies "
+                             f"({', '.join(strategies)})")
+        targets = [name] if dot else [s for s in strategies if s != "scratch"]
+        value = _options([pair[len(name) + 1:] if dot else pair])
+        for target in targets:
+            result.setdefault(target, {}).update(value)
+    return result
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -477,6 +539,14 @@ def cmd_doctor(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- parser
 
 
+DEFAULT_EPOCHS = 3  # zoo finetune, zoo compare and zoo plan alike (finetune's own default)
+
+
+def _defaults(parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Each of ``parser``'s destinations and its default value."""
+    return {a.dest: a.default for a in parser._actions if a.dest != "help"}
+
+
 def build_parser() -> Parser:
     """The argument parser for every ``zoo`` subcommand."""
     parser = Parser(prog="zoo", description="A plugin-based model zoo for transfer learning.")
@@ -506,15 +576,47 @@ def build_parser() -> Parser:
                        "(default: its ClassLabel feature)")
 
     def common_training(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--epochs", type=int, default=3)
-        p.add_argument("--batch-size", type=int, default=64)
-        p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs")
+        p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+        p.add_argument("--lr", type=float, default=1e-3, help="base learning rate")
+        training_options(p)
         p.add_argument("--image-size", type=int, help="input resolution (default: the weights')")
         p.add_argument("--limit-per-class", type=int, help="keep N training images per class")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--strict", action="store_true",
                        help="refuse image files that do not decode (default: skip and count)")
         data_columns(p)
+
+    def training_options(p: argparse.ArgumentParser) -> None:
+        """Issue 15's options, shared by finetune and compare."""
+        p.add_argument("--weights", default="default", help="weights tag, path, or 'none'")
+        p.add_argument("--device", help="cpu, cuda, cuda:N or mps; None: cuda when there is one")
+        p.add_argument("--augment", nargs="?", const=True, default=False,
+                       choices=("none", "light", "standard", "strong"),
+                       help="training augmentation preset; bare --augment is zoo's original "
+                       "pad-crop-flip")
+        p.add_argument("--cache-views", type=int, default=0, metavar="K",
+                       help="with --augment, cache K augmented views of the frozen prefix")
+        p.add_argument("--no-cache", action="store_true", help="never cache frozen features")
+        p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                       help="optimizer (no weight decay on norms and biases)")
+        p.add_argument("--momentum", type=float, default=0.9, help="SGD (Nesterov) momentum")
+        p.add_argument("--weight-decay", type=float, default=0.01, help="weight decay")
+        p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing")
+        p.add_argument("--scheduler", default="cosine",
+                       choices=("cosine", "linear", "step", "onecycle", "constant", "none"),
+                       help="learning-rate schedule, stepped per batch")
+        p.add_argument("--warmup-epochs", type=float, default=0.0,
+                       help="linear warmup, in epochs (fractions allowed)")
+        p.add_argument("--accumulate", type=int, default=1, metavar="N",
+                       help="step every N batches (the update of an N times larger batch)")
+        p.add_argument("--clip-grad", type=float, metavar="NORM",
+                       help="clip the gradient norm to NORM; None: no clipping")
+        p.add_argument("--ema", type=float, metavar="DECAY",
+                       help="keep an EMA of the weights; the best epoch keeps the better of "
+                       "raw and EMA; None: no EMA")
+        p.add_argument("--tensorboard", action="store_true",
+                       help="log to OUT/tensorboard as well as OUT/metrics.csv")
 
     def keep_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--keep", choices=("best", "last"), default="best",
@@ -535,18 +637,21 @@ def build_parser() -> Parser:
     p.add_argument("backbone")
     p.add_argument("strategy")
     p.add_argument("--option", action="append", metavar="KEY=VALUE")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
+                   help="epochs (as zoo finetune)")
+    p.add_argument("--lr", type=float, default=1e-3, help="base learning rate")
     p.add_argument("--num-classes", type=int)
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("finetune", help="fine-tune a backbone with a strategy")
-    p.add_argument("--backbone", required=True)
-    p.add_argument("--strategy", required=True)
-    p.add_argument("--data", required=True, help="built-in dataset name or ImageFolder dir")
+    p = sub.add_parser("finetune", help="fine-tune a backbone with a strategy",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", metavar="RUN.yaml",
+                   help="replay a run file (a run folder's run.yaml); flags override it")
+    p.add_argument("--backbone")
+    p.add_argument("--strategy")
+    p.add_argument("--data", help="built-in dataset name or ImageFolder dir")
     p.add_argument("--val", help="validation data (default: the dataset's val split)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="strategy option")
-    p.add_argument("--weights", default="default", help="weights tag, path, or 'none'")
     p.add_argument("--out", help="checkpoint directory (new, empty, or a zoo checkpoint with "
                    "--overwrite; default: a new folder runs/BACKBONE-STRATEGY-DATE-TIME)")
     p.add_argument("--overwrite", action="store_true",
@@ -554,13 +659,10 @@ def build_parser() -> Parser:
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted run")
     p.add_argument("--checkpoint", choices=("auto", "delta", "full"), default="auto",
                    help="auto: a delta when the base weights are registered, else full")
-    p.add_argument("--device")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--augment", action="store_true")
-    p.add_argument("--no-cache", action="store_true", help="never cache frozen features")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     common_training(p)
     keep_args(p)
-    p.set_defaults(func=cmd_finetune)
+    p.set_defaults(func=cmd_finetune, parser_defaults=functools.partial(_defaults, p))
 
     p = sub.add_parser("evaluate", help="accuracy of a checkpoint on a dataset, per class too")
     p.add_argument("checkpoint", help="checkpoint directory or hf-hub:REPO")
@@ -634,13 +736,16 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_lr_find)
 
-    p = sub.add_parser("compare", help="strategies x backbones versus training from scratch")
+    p = sub.add_parser("compare", help="strategies x backbones versus training from scratch",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--backbones", nargs="+", required=True)
     p.add_argument("--strategies", nargs="+", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--val")
     p.add_argument("--out", required=True)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", "--seed", type=int, nargs="+", default=[0], help="random seeds")
+    p.add_argument("--option", action="append", metavar="[STRATEGY.]KEY=VALUE",
+                   help="strategy option, for one strategy (partial.freeze_to=layer2) or all")
     p.add_argument("--budget", type=float, help="wall-clock seconds per run")
     common_training(p)
     keep_args(p)
