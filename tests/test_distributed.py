@@ -83,8 +83,9 @@ def test_torchrun_two_cpu_processes_train_and_rank0_saves_one_checkpoint(
 
     # Exactly one checkpoint, complete, and it loads.
     names = sorted(p.name for p in out.iterdir() if not p.name.startswith(".zoo-"))
-    assert names == ["README.md", "config.json", "history.json", "metrics.json",
-                     "model.safetensors", "resume.pt"]
+    # (rank 0 alone writes the loggers' metrics.csv and the settings' run.yaml: issue 15)
+    assert names == ["README.md", "config.json", "history.json", "metrics.csv",
+                     "metrics.json", "model.safetensors", "resume.pt", "run.yaml"]
     model = zoo.load_checkpoint(out)
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 10)
