@@ -8,4 +8,4 @@ harness on a tiny configuration.
 
 from __future__ import annotations
 
-SECTIONS = ("training", "memory", "cache", "checkpoints", "startup")
+SECTIONS = ("training", "augment", "memory", "cache", "checkpoints", "startup")

@@ -2,8 +2,8 @@
 
     python -m bench                      # everything (about 15 min on 2 CPUs)
     python -m bench --quick              # a short pass over every section
-    python -m bench --only training      # one section (training, memory, cache, checkpoints,
-                                         # startup)
+    python -m bench --only training      # one section (training, augment, memory, cache,
+                                         # checkpoints, startup)
     python -m bench --only training --models resnet18 --sizes 32 --epochs 1   # tiny
 """
 
@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "(replaces the plan's grid)")
     parser.add_argument("--eval-size", type=int, default=500,
                         help="training: held-out images for accuracy (default 500)")
+    parser.add_argument("--repeats", type=int, help="augment: interleaved runs of each loop "
+                        "(default 3)")
     parser.add_argument("--cache-size", type=int, default=4096,
                         help="cache: dataset size (default 4096)")
     parser.add_argument("--checkpoint-model", default="resnet50",
@@ -138,6 +141,19 @@ def main(argv: list[str] | None = None) -> int:
         section("training", lambda: training.run(plan, workdir, log, args.eval_size,
                                                  device=args.device),
                 training.tables)
+    if "augment" in sections and torch.device(args.device).type != "cpu":
+        print("\n[augment] skipped: the augmented hand loop is written for CPU", flush=True)
+    elif "augment" in sections:
+        from bench import augment
+
+        plan_a = augment.default_plan(args.quick)
+        if args.sizes or args.epochs:
+            plan_a = [replace(c, n=int(args.sizes.split(",")[0]) if args.sizes else c.n,
+                              epochs=args.epochs or c.epochs) for c in plan_a]
+        if args.repeats:
+            plan_a = [replace(c, repeats=args.repeats) for c in plan_a]
+        section("augment", lambda: augment.run(plan_a, workdir, log, args.eval_size),
+                augment.tables)
     if "memory" in sections:
         from bench import memory
 

@@ -86,3 +86,21 @@ def test_gpu_script_runs_on_cpu_in_tiny_mode_and_prints_every_row(tmp_path: Path
     assert len(rows) == len(ROW_NAMES)
     assert all(r["met"] in ("met", "MISSED") and r["ratio"] > 0 for r in rows)
     assert list(tmp_path.glob("zoo-gpu-bench.*")) == []  # its temporary folder is removed
+
+
+def test_augment_section_runs_zoo_standard_preset_against_v2_hand_loop(tmp_path: Path) -> None:
+    """Issue 15 (benchmark row): the ``augment`` section times ``finetune(augment="standard")``
+    and a hand loop applying the same v2 transforms per image, and prints their img/s ratio
+    against the 0.9x target."""
+    from bench import augment
+
+    data = augment.run([augment.AugCell("resnet18", 16, 1, 1)], tmp_path, log=lambda line: None,
+                       eval_size=10)
+    (row,) = data["rows"]
+    (pair,) = row["pairs"]
+    assert pair["hand_img_s"] > 0 and pair["zoo_img_s"] > 0
+    assert row["median_ratio"] == pair["zoo_img_s"] / pair["hand_img_s"]
+    text = augment.tables(data)
+    assert 'augment="standard"' in text and "img/s >= 0.9x:" in text
+    names = [type(t).__name__ for t in augment.standard_pipeline(64).transforms]
+    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "TrivialAugmentWide"]
