@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zoo import augment_ops
-from zoo.data import BatchTransform, _match_channels, _to_float, resize_crop
+from zoo.data import BatchTransform
 from zoo.errors import ZooError
 
 PRESETS = ("none", "light", "standard", "strong")
@@ -176,23 +176,9 @@ class AugmentTransform(BatchTransform):
         key = BatchTransform.cache_key(base)  # type: ignore[arg-type]
         return key + (f":aug={self.augmentation.cache_key()}" if self.augment else "")
 
-    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        if images.ndim != 4:
-            raise ZooError(f"AugmentTransform needs an N x C x H x W batch; got shape "
-                           f"{tuple(images.shape)}")
-        c, h, w = self.input_size
-        x = _to_float(images)
-        if self.resize:
-            x = resize_crop(x, self.geometry)
-        elif tuple(x.shape[2:]) != (h, w):
-            raise ZooError(f"images are {tuple(x.shape[2:])} but this transform takes images "
-                           f"already fitted to {(h, w)}; use resize=True")
-        x = _match_channels(x, c)
-        if self.augment:
-            x = self.augmentation(x.contiguous(), generator)
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, c, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, c, 1, 1)
-        return (x - mean) / std
+    def _augment(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        """The batch through this transform's :class:`Augmentation`."""
+        return self.augmentation(x.contiguous(), generator)
 
     def describe(self) -> dict[str, Any]:
         """The augmentation as plain values, for run files and configs."""

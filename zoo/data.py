@@ -1250,7 +1250,7 @@ class BatchTransform:
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if images.ndim != 4:
-            raise ZooError(f"BatchTransform needs an N x C x H x W batch; got shape "
+            raise ZooError(f"{type(self).__name__} needs an N x C x H x W batch; got shape "
                            f"{tuple(images.shape)}")
         c, h, w = self.input_size
         x = _to_float(images)
@@ -1260,12 +1260,16 @@ class BatchTransform:
             raise ZooError(f"images are {tuple(x.shape[2:])} but this transform takes images "
                            f"already fitted to {(h, w)}; fit them with ImageData.at or use "
                            "resize=True")
-        if self.augment:
-            x = _pad_crop_flip(x, generator)
         x = _match_channels(x, c)
+        if self.augment:
+            x = self._augment(x, generator)
         mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, c, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, c, 1, 1)
         return (x - mean) / std
+
+    def _augment(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        """The training augmentation of a fitted float batch: pad, crop and flip."""
+        return _pad_crop_flip(x, generator)
 
     def prepare_image(self, image: Tensor) -> Tensor:
         """One decoded C x H x W image (e.g. from :func:`load_image`) as a 1 x C x H x W model
