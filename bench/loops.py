@@ -3,8 +3,9 @@
 This is the loop a user would write without zoo, kept honest and lean: frozen parameters
 get ``requires_grad=False`` (so autograd records nothing for them), the model is put in
 train mode each epoch with the frozen modules (their BatchNorm) switched back to eval,
-AdamW over the trainable parameters, cross-entropy, cosine schedule stepped per epoch,
-the same batch size, learning rate, weight decay and data order as zoo (the same
+AdamW over the trainable parameters with no weight decay on biases and norms (1-D
+tensors), as timm's trainer and zoo do, cross-entropy, cosine schedule stepped after every
+batch, the same batch size, learning rate, weight decay and data order as zoo (the same
 ``torch.randperm`` seed per epoch), data sliced from in-memory tensors, no host syncs
 inside the epoch. It runs the whole network on every batch of every epoch ("naive"):
 that is what zoo's frozen-prefix cache is meant to beat.
@@ -18,6 +19,7 @@ device (read once per epoch). On CPU the loop is exactly the original one (float
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -119,8 +121,12 @@ def naive_train(
         model.to(memory_format=torch.channels_last)
     frozen = freeze_prefix(model, groups, n_frozen)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=lr)
+    total_steps = epochs * math.ceil(len(x) / batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0))))
     feed = Feeder(x, y, mean, std, device, cuda and channels_last)
     forward = torch.compile(model) if compile else model
     n = len(x)
@@ -140,9 +146,9 @@ def naive_train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             loss_sum += loss.detach() * len(labels)
             correct += (logits.detach().argmax(1) == labels).sum()
-        scheduler.step()
         stats = {"train_loss": float(loss_sum) / n, "train_accuracy": float(correct) / n}
         if on_epoch_end is not None:
             on_epoch_end(epoch, model)
