@@ -547,12 +547,81 @@ def _defaults(parser: argparse.ArgumentParser) -> dict[str, Any]:
     return {a.dest: a.default for a in parser._actions if a.dest != "help"}
 
 
-def build_parser() -> Parser:
-    """The argument parser for every ``zoo`` subcommand."""
-    parser = Parser(prog="zoo", description="A plugin-based model zoo for transfer learning.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+def data_columns(p: argparse.ArgumentParser) -> None:
+    """--image-column and --label-column, for Hugging Face datasets."""
+    p.add_argument("--image-column", help="a Hugging Face dataset's image column "
+                   "(default: its Image feature)")
+    p.add_argument("--label-column", help="a Hugging Face dataset's label column "
+                   "(default: its ClassLabel feature)")
 
+
+def common_training(p: argparse.ArgumentParser) -> None:
+    """The training flags finetune and compare share."""
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--lr", type=float, default=1e-3, help="base learning rate")
+    training_options(p)
+    p.add_argument("--image-size", type=int, help="input resolution (default: the weights')")
+    p.add_argument("--limit-per-class", type=int, help="keep N training images per class")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse image files that do not decode (default: skip and count)")
+    data_columns(p)
+
+
+def training_options(p: argparse.ArgumentParser) -> None:
+    """Issue 15's options, shared by finetune and compare."""
+    p.add_argument("--weights", default="default", help="weights tag, path, or 'none'")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps; None: cuda when there is one")
+    p.add_argument("--augment", nargs="?", const=True, default=False,
+                   choices=("none", "light", "standard", "strong"),
+                   help="training augmentation preset; bare --augment is zoo's original "
+                   "pad-crop-flip")
+    p.add_argument("--cache-views", type=int, default=0, metavar="K",
+                   help="with --augment, cache K augmented views of the frozen prefix")
+    p.add_argument("--no-cache", action="store_true", help="never cache frozen features")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                   help="optimizer (no weight decay on norms and biases)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD (Nesterov) momentum")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="weight decay")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing")
+    p.add_argument("--scheduler", default="cosine",
+                   choices=("cosine", "linear", "step", "onecycle", "constant", "none"),
+                   help="learning-rate schedule, stepped per batch")
+    p.add_argument("--warmup-epochs", type=float, default=0.0,
+                   help="linear warmup, in epochs (fractions allowed)")
+    p.add_argument("--accumulate", type=int, default=1, metavar="N",
+                   help="step every N batches (the update of an N times larger batch)")
+    p.add_argument("--clip-grad", type=float, metavar="NORM",
+                   help="clip the gradient norm to NORM; None: no clipping")
+    p.add_argument("--ema", type=float, metavar="DECAY",
+                   help="keep an EMA of the weights; the best epoch keeps the better of "
+                   "raw and EMA; None: no EMA")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="log to OUT/tensorboard as well as OUT/metrics.csv")
+
+
+def keep_args(p: argparse.ArgumentParser) -> None:
+    """--keep and --patience: which epoch a run keeps, and early stopping."""
+    p.add_argument("--keep", choices=("best", "last"), default="best",
+                   help="which epoch the checkpoint holds: the best by validation "
+                   "accuracy (ties: lower val loss, then the earlier epoch) or the last")
+    p.add_argument("--patience", type=int, metavar="N",
+                   help="stop after N epochs without a better validation accuracy")
+
+
+def hub_args(p: argparse.ArgumentParser) -> None:
+    """--revision, --endpoint and --token, for push and pull."""
+    p.add_argument("--revision")
+    p.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
+    p.add_argument("--token", metavar="TOKEN|-",
+                   help="Hub token; '-' reads it from stdin, which keeps it out of the "
+                   "process list that other users can see (default: HF_TOKEN or your hf "
+                   "login)")
+
+
+def _add_browse_commands(sub: Any) -> None:
+    """The list, info, plugins, datasets, check and plan subcommands: looking before training."""
     p = sub.add_parser("list", help="list backbones (or strategies)")
     p.add_argument("pattern", nargs="?", help="fnmatch pattern, e.g. 'resnet*' or 'timm/vit*'")
     p.add_argument("--strategies", action="store_true", help="list strategies instead")
@@ -568,62 +637,6 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("datasets", help="built-in datasets")
     p.set_defaults(func=cmd_datasets)
-
-    def data_columns(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--image-column", help="a Hugging Face dataset's image column "
-                       "(default: its Image feature)")
-        p.add_argument("--label-column", help="a Hugging Face dataset's label column "
-                       "(default: its ClassLabel feature)")
-
-    def common_training(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs")
-        p.add_argument("--batch-size", type=int, default=64, help="images per batch")
-        p.add_argument("--lr", type=float, default=1e-3, help="base learning rate")
-        training_options(p)
-        p.add_argument("--image-size", type=int, help="input resolution (default: the weights')")
-        p.add_argument("--limit-per-class", type=int, help="keep N training images per class")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
-        p.add_argument("--strict", action="store_true",
-                       help="refuse image files that do not decode (default: skip and count)")
-        data_columns(p)
-
-    def training_options(p: argparse.ArgumentParser) -> None:
-        """Issue 15's options, shared by finetune and compare."""
-        p.add_argument("--weights", default="default", help="weights tag, path, or 'none'")
-        p.add_argument("--device", help="cpu, cuda, cuda:N or mps; None: cuda when there is one")
-        p.add_argument("--augment", nargs="?", const=True, default=False,
-                       choices=("none", "light", "standard", "strong"),
-                       help="training augmentation preset; bare --augment is zoo's original "
-                       "pad-crop-flip")
-        p.add_argument("--cache-views", type=int, default=0, metavar="K",
-                       help="with --augment, cache K augmented views of the frozen prefix")
-        p.add_argument("--no-cache", action="store_true", help="never cache frozen features")
-        p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
-                       help="optimizer (no weight decay on norms and biases)")
-        p.add_argument("--momentum", type=float, default=0.9, help="SGD (Nesterov) momentum")
-        p.add_argument("--weight-decay", type=float, default=0.01, help="weight decay")
-        p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing")
-        p.add_argument("--scheduler", default="cosine",
-                       choices=("cosine", "linear", "step", "onecycle", "constant", "none"),
-                       help="learning-rate schedule, stepped per batch")
-        p.add_argument("--warmup-epochs", type=float, default=0.0,
-                       help="linear warmup, in epochs (fractions allowed)")
-        p.add_argument("--accumulate", type=int, default=1, metavar="N",
-                       help="step every N batches (the update of an N times larger batch)")
-        p.add_argument("--clip-grad", type=float, metavar="NORM",
-                       help="clip the gradient norm to NORM; None: no clipping")
-        p.add_argument("--ema", type=float, metavar="DECAY",
-                       help="keep an EMA of the weights; the best epoch keeps the better of "
-                       "raw and EMA; None: no EMA")
-        p.add_argument("--tensorboard", action="store_true",
-                       help="log to OUT/tensorboard as well as OUT/metrics.csv")
-
-    def keep_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--keep", choices=("best", "last"), default="best",
-                       help="which epoch the checkpoint holds: the best by validation "
-                       "accuracy (ties: lower val loss, then the earlier epoch) or the last")
-        p.add_argument("--patience", type=int, metavar="N",
-                       help="stop after N epochs without a better validation accuracy")
 
     p = sub.add_parser("check", help="check a backbone plugin: groups, head, stages, weights, "
                        "preprocessing (for plugin authors)")
@@ -643,6 +656,9 @@ def build_parser() -> Parser:
     p.add_argument("--num-classes", type=int)
     p.set_defaults(func=cmd_plan)
 
+
+def _add_training_commands(sub: Any) -> None:
+    """The finetune, evaluate, predict and embed subcommands."""
     p = sub.add_parser("finetune", help="fine-tune a backbone with a strategy",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", metavar="RUN.yaml",
@@ -695,6 +711,9 @@ def build_parser() -> Parser:
     p.add_argument("--device")
     p.set_defaults(func=cmd_embed)
 
+
+def _add_weights_commands(sub: Any) -> None:
+    """The weights and lr-find subcommands."""
     p = sub.add_parser("weights", help="manage pretrained weights")
     wsub = p.add_subparsers(dest="weights_command", metavar="ACTION", parser_class=Parser)
     w = wsub.add_parser("download", help="pre-fetch weights into the cache")
@@ -736,6 +755,9 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_lr_find)
 
+
+def _add_compare_commands(sub: Any) -> None:
+    """The compare and demo subcommands."""
     p = sub.add_parser("compare", help="strategies x backbones versus training from scratch",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--backbones", nargs="+", required=True)
@@ -756,14 +778,9 @@ def build_parser() -> Parser:
     p.add_argument("--quick", action="store_true", help="a smaller, faster run")
     p.set_defaults(func=cmd_demo)
 
-    def hub_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--revision")
-        p.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
-        p.add_argument("--token", metavar="TOKEN|-",
-                       help="Hub token; '-' reads it from stdin, which keeps it out of the "
-                       "process list that other users can see (default: HF_TOKEN or your hf "
-                       "login)")
 
+def _add_sharing_commands(sub: Any) -> None:
+    """The export, push, pull and doctor subcommands."""
     p = sub.add_parser("export", help="a checkpoint as ONNX, TorchScript or a PEFT adapter")
     p.add_argument("checkpoint", help="checkpoint directory or hf-hub:REPO")
     p.add_argument("--format", choices=("onnx", "torchscript", "peft"), required=True)
@@ -788,6 +805,18 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("doctor", help="environment report for bug reports")
     p.set_defaults(func=cmd_doctor)
+
+
+def build_parser() -> Parser:
+    """The argument parser for every ``zoo`` subcommand."""
+    parser = Parser(prog="zoo", description="A plugin-based model zoo for transfer learning.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    _add_browse_commands(sub)
+    _add_training_commands(sub)
+    _add_weights_commands(sub)
+    _add_compare_commands(sub)
+    _add_sharing_commands(sub)
     return parser
 
 
