@@ -209,3 +209,13 @@ def digits() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
         return data.tensors
 
     return take
+
+
+def quick_finetune(backbone: str, strategy: str, train: Any, val: Any = None,
+                   **kwargs: Any) -> zoo.FinetuneResult:
+    """``zoo.finetune`` with the small, fast settings the runner tests share (1 epoch of
+    batches of 10 at 16 px, lr 1e-2, quiet); keyword arguments override them."""
+    options: dict[str, Any] = dict(epochs=1, batch_size=10, lr=1e-2, quiet=True,
+                                   image_size=16)
+    options.update(kwargs)
+    return zoo.finetune(backbone, strategy, train, val, **options)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY, TinyNet
+from conftest import TINY, TinyNet, quick_finetune
 from torch import nn
 
 import zoo
@@ -28,25 +28,19 @@ def base(pretrained: Callable[..., str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def train_xy() -> tuple[torch.Tensor, torch.Tensor]:
+def train_xy(digits: Callable[..., Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """40 real 8x8 digits, four of each class, as a uint8 (x, y) pair."""
-    data = zoo.load_data("digits", limit_per_class=4)
-    assert data.tensors is not None
-    return data.tensors
+    return digits(4)
 
 
 @pytest.fixture(scope="module")
-def val_xy() -> tuple[torch.Tensor, torch.Tensor]:
-    data = zoo.load_data("digits", "val", limit_per_class=2)
-    assert data.tensors is not None
-    return data.tensors
+def val_xy(digits: Callable[..., Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    return digits(2, "val")
 
 
 def finetune(backbone: str, strategy: str, train: Any, val: Any = None,
              **kwargs: Any) -> zoo.FinetuneResult:
-    options = dict(epochs=2, batch_size=10, lr=1e-2, quiet=True, image_size=16)
-    options.update(kwargs)
-    return zoo.finetune(backbone, strategy, train, val, **options)
+    return quick_finetune(backbone, strategy, train, val, **{"epochs": 2, **kwargs})
 
 
 def states_equal(a: nn.Module, b: nn.Module) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, quick_finetune
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
@@ -38,26 +38,18 @@ def base(pretrained: Callable[..., str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def train_xy() -> tuple[torch.Tensor, torch.Tensor]:
+def train_xy(digits: Callable[..., Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """20 real 8x8 digits, two of each class, as a uint8 (x, y) pair."""
-    data = zoo.load_data("digits", limit_per_class=2)
-    assert data.tensors is not None
-    return data.tensors
+    return digits(2)
 
 
 @pytest.fixture(scope="module")
-def val_xy() -> tuple[torch.Tensor, torch.Tensor]:
+def val_xy(digits: Callable[..., Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """30 held-out digits (the validation split), three of each class."""
-    data = zoo.load_data("digits", "val", limit_per_class=3)
-    assert data.tensors is not None
-    return data.tensors
+    return digits(3, "val")
 
 
-def finetune(backbone: str, strategy: str, train: Any, val: Any = None,
-             **kwargs: Any) -> zoo.FinetuneResult:
-    options = dict(epochs=1, batch_size=10, lr=1e-2, quiet=True, image_size=16)
-    options.update(kwargs)
-    return zoo.finetune(backbone, strategy, train, val, **options)
+finetune = quick_finetune
 
 
 # --------------------------------------------------------------------------- data forms

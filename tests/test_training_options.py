@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, quick_finetune
 
 import zoo
 from zoo.errors import ZooError
@@ -24,24 +24,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def train_xy() -> tuple[torch.Tensor, torch.Tensor]:
-    data = zoo.load_data("digits", limit_per_class=2)
-    assert data.tensors is not None
-    return data.tensors
+def train_xy(digits: Callable[..., Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    return digits(2)
 
 
 @pytest.fixture(scope="module")
-def val_xy() -> tuple[torch.Tensor, torch.Tensor]:
-    data = zoo.load_data("digits", "val", limit_per_class=3)
-    assert data.tensors is not None
-    return data.tensors
+def val_xy(digits: Callable[..., Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    return digits(3, "val")
 
 
-def finetune(backbone: str, strategy: str, train: Any, val: Any = None,
-             **kwargs: Any) -> zoo.FinetuneResult:
-    options = dict(epochs=1, batch_size=10, lr=1e-2, quiet=True, image_size=16)
-    options.update(kwargs)
-    return zoo.finetune(backbone, strategy, train, val, **options)
+finetune = quick_finetune
 
 
 class SeeOptimizer(Callback):
