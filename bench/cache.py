@@ -19,7 +19,7 @@ import zoo
 from bench import loops
 from bench.common import CASES, MiB, PeakGPU, PeakRSS, dataset, loadavg, local_base, table
 from bench.training import KEEP_HEAD
-from zoo.features import shared_store
+from zoo.data.feature_cache import shared_store
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import torch
 
 import zoo
 from bench.common import MiB, ModelCase, dataset, local_base, median, table
-from zoo.features import FeatureStore
+from zoo.data.feature_cache import FeatureStore
 
 CASE = ModelCase("resnet50", "resnet50", 32, partial={"freeze_to": "layer2"},
                  note="random ResNet-50 saved locally as the 'pretrained' base")
@@ -62,8 +62,8 @@ def run(workdir: Path, *, repeats: int = 3, case: ModelCase = CASE,
         log: Any = print, device: str = "cpu") -> dict[str, Any]:
     """Save and load zoo checkpoints of a model trained on ``device`` (loads go to the CPU,
     where a checkpoint is opened), against torch.save / torch.load of the same model."""
-    from zoo.checkpoint import load_checkpoint, save_checkpoint
-    from zoo.plugins import get_plugin_manager
+    from zoo.persist.checkpoint import load_checkpoint, save_checkpoint
+    from zoo.plugins.manager import get_plugin_manager
 
     base = local_base(case, workdir)
     data = dataset(64, case.image_size)

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from zoo.compare import release_freed_memory as release_memory
-from zoo.weights import file_sha256
+from zoo.core._io import file_sha256
+from zoo.experiments.compare import release_freed_memory as release_memory
 
 MiB = 1024 * 1024
 

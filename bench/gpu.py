@@ -273,7 +273,7 @@ class Bench:
     def imagefolder(self) -> Row:
         """zoo on the JPEG folder (read lazily, as 5,000 images at 224 px are) against zoo
         on the same images decoded into tensors."""
-        import zoo.data
+        import zoo.data.dataset
         from bench.training import Cell, run_zoo
 
         base = self.base("resnet50")
@@ -284,13 +284,13 @@ class Bench:
         memory_row, _ = run_zoo(base, cell, self.data(len(self.x)), device=self.device,
                                 val=(xv, yv))
         fresh()
-        budget = zoo.data.MEMORY_BUDGET
-        zoo.data.MEMORY_BUDGET = 0  # decode as it goes, whatever the folder's size
+        budget = zoo.data.dataset.MEMORY_BUDGET
+        zoo.data.dataset.MEMORY_BUDGET = 0  # decode as it goes, whatever the folder's size
         try:
             folder_row, _ = run_zoo(base, cell, None, device=self.device,
                                     train=str(self.folder))
         finally:
-            zoo.data.MEMORY_BUDGET = budget
+            zoo.data.dataset.MEMORY_BUDGET = budget
         fresh()
         row = throughput_row("imagefolder resnet50", len(self.x), memory_row, folder_row, 0.8)
         pipeline = folder_row.extra.get("input_pipeline") or {}
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     import gc
     import importlib
 
-    for module in ("torch._dynamo", "timm", "zoo.runner"):  # imported once, before the clock
+    for module in ("torch._dynamo", "timm", "zoo.training.runner"):  # imported before the clock
         importlib.import_module(module)
     gc.freeze()  # later collections (between runs) skip the imported modules' objects
     rows: list[Row] = []

@@ -37,7 +37,7 @@ from bench.common import (
     local_base,
     table,
 )
-from zoo.features import DEFAULT_CACHE_MEMORY, FeatureStore
+from zoo.data.feature_cache import DEFAULT_CACHE_MEMORY, FeatureStore
 
 STRATEGIES = ("linear_probe", "partial", "full")
 

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 import zoo
-from zoo.plugins import get_plugin_manager
-from zoo.weights import file_sha256
+from zoo.core._io import file_sha256
+from zoo.plugins.manager import get_plugin_manager
 
 # Plugin objects stay referenced for the whole session: the registry cache is keyed by the
 # ids of the registered plugins, and a freed object's id may be reused by the next one.

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from zoo.augment import (
+from zoo.core.errors import ZooError
+from zoo.data.augment import (
     PRESETS,
     Augmentation,
     AugmentTransform,
@@ -18,15 +19,14 @@ from zoo.augment import (
     smooth_one_hot,
     soft_target_cross_entropy,
 )
-from zoo.augment_ops import (
+from zoo.data.augment_ops import (
     TRIVIAL_OPS,
     TRIVIAL_SPACE,
     apply_trivial_op,
     random_resized_crop,
     random_resized_crop_boxes,
 )
-from zoo.data import BatchTransform
-from zoo.errors import ZooError
+from zoo.data.dataset import BatchTransform
 
 BASE = BatchTransform((3, 16, 16), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 

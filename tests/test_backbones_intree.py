@@ -24,7 +24,7 @@ from zoo_resnet import model as resnet_model
 from zoo_vit import model as vit_model
 
 import zoo
-from zoo.spec import resolve_callable
+from zoo.core.spec import resolve_callable
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"  # test data on these machines, not part of zoo

@@ -17,7 +17,7 @@ import torch
 from huggingface_hub import ModelCard
 
 import zoo
-from zoo.card import base_model_of, hub_dataset, model_card
+from zoo.persist.card import base_model_of, hub_dataset, model_card
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_card_test_token"
@@ -133,7 +133,7 @@ def lite0_delta(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_timm_refuses_a_delta_saying_it_needs_zoo(lite0_delta: Path, tmp_path: Path) -> None:
     """Issue 16.6: ``timm.create_model("hf-hub:...")`` on a pushed delta fails with a message
     that says zoo is needed, not ``KeyError: 'architecture'``."""
-    from zoo.hub import push_to_hub
+    from zoo.persist.hub import push_to_hub
     from zoo.testing.hub_server import HubServer
 
     config = json.loads((lite0_delta / "config.json").read_text())

@@ -16,8 +16,8 @@ from torch import nn
 
 import zoo
 from zoo.cli import main
-from zoo.plugins import get_plugin_manager
-from zoo.strategies import FreezeStrategy, GroupPlan, Plan
+from zoo.models.strategy import FreezeStrategy, GroupPlan, Plan
+from zoo.plugins.manager import get_plugin_manager
 from zoo.testing import BackboneCheckError, check_backbone
 
 # Real forward passes for these (a representative of every built-in family and the timm

@@ -20,8 +20,8 @@ from conftest import registered, with_local_weights
 from safetensors.torch import load_file
 
 import zoo
-from zoo import checkpoint as ckpt
-from zoo.errors import CheckpointError
+from zoo.core.errors import CheckpointError
+from zoo.persist import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -18,7 +18,8 @@ import pytest
 from conftest import single_torch_thread
 
 import zoo
-from zoo.compare import (
+from zoo.core.errors import IncompatibleError, ZooError
+from zoo.experiments.compare import (
     PLOTS,
     ComparisonResult,
     _budget_callback,
@@ -28,8 +29,7 @@ from zoo.compare import (
     run_name,
     write_report,
 )
-from zoo.errors import IncompatibleError, ZooError
-from zoo.runner import Callback
+from zoo.training.runner import Callback
 
 BACKBONES = ["cifar_resnet20", "resnet18"]
 STRATEGIES = ["linear_probe", "partial"]  # scratch is added by compare
@@ -249,11 +249,10 @@ def test_missing_weights_are_refused_before_anything_trains(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_zoo_compare_stays_callable_after_importing_the_module():
-    import zoo.compare as module
+def test_zoo_compare_is_the_function_even_after_importing_the_experiments_package():
+    import zoo.experiments.compare  # noqa: F401
 
-    assert zoo.compare is module or zoo.compare is compare
-    assert callable(zoo.compare) and callable(module)
+    assert zoo.compare is compare
 
 
 def test_tensor_data_needs_validation_data(tmp_path, digits):

@@ -1,4 +1,4 @@
-"""zoo.data: built-in datasets, ImageFolder directories, tensors and the batch transform."""
+"""zoo.data.dataset: built-in datasets, ImageFolder directories, tensors and the batch transform."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from zoo import data as zdata
-from zoo.data import (
+from zoo.core.errors import UnknownNameError, ZooError
+from zoo.data import dataset as zdata
+from zoo.data.dataset import (
     BatchTransform,
     ImageData,
     list_datasets,
@@ -20,7 +21,6 @@ from zoo.data import (
     load_image,
     transform_for,
 )
-from zoo.errors import UnknownNameError, ZooError
 
 CIFAR = Path("/work/shared/data/cifar10-small")
 

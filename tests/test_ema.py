@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from zoo.ema import ModelEma
-from zoo.errors import ZooError
+from zoo.core.errors import ZooError
+from zoo.training.ema import ModelEma
 
 
 def model_with_bn() -> nn.Module:

@@ -24,8 +24,8 @@ from conftest import registered
 from zoo_vit.model import VisionTransformer, stages
 
 import zoo
-from zoo import checkpoint as ckpt
 from zoo.cli import main as cli
+from zoo.persist import checkpoint as ckpt
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")

@@ -2,7 +2,7 @@
 
 13.1: one preprocessing everywhere. Every image, whatever its size, is resized keeping its
 aspect ratio to ``size / crop_pct`` and centre-cropped to ``size`` (timm's and
-torchvision's evaluation transform) by one function, ``zoo.data.resize_crop``, from what
+torchvision's evaluation transform) by one function, ``zoo.data.dataset.resize_crop``, from what
 the checkpoint records; so ``predict`` on a file gives exactly the probabilities training's
 validation computed, and ``evaluate``'s accuracy.
 
@@ -28,10 +28,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 import zoo
-from zoo.data import BatchTransform, Geometry, ImageData, load_data, load_image, resize_crop
-from zoo.errors import IncompatibleError, ZooError
-from zoo.features import FeatureStore
-from zoo.runner import transform_from_config
+from zoo.core.errors import IncompatibleError, ZooError
+from zoo.data.dataset import BatchTransform, Geometry, ImageData, load_data, load_image, resize_crop
+from zoo.data.feature_cache import FeatureStore
+from zoo.training.runner import transform_from_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -143,7 +143,7 @@ def test_a_hub_copy_predicts_what_the_run_validated(
         tiny_photo_net: str, photos: Path, tmp_path: Path) -> None:
     """Issue 13.1: the Hub copy of a checkpoint carries the preprocessing, and applies it:
     pulled on another machine, it evaluates and predicts as the run did."""
-    from zoo.hub import from_pretrained, push_to_hub
+    from zoo.persist.hub import from_pretrained, push_to_hub
     from zoo.testing.hub_server import HubServer
 
     result = zoo.finetune(tiny_photo_net, "linear_probe", photos, epochs=1, quiet=True,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import zoo
-from zoo.features import CacheKey, FeatureStore
+from zoo.data.feature_cache import CacheKey, FeatureStore
 
 
 @pytest.fixture(autouse=True)
@@ -97,7 +97,7 @@ def test_augmentation_disables_the_cache_unless_views_are_asked_for() -> None:
 
 
 def test_the_default_budget_is_2_gib_or_a_quarter_of_the_available_memory() -> None:
-    from zoo.features import DEFAULT_CACHE_MEMORY, default_cache_memory, shared_store
+    from zoo.data.feature_cache import DEFAULT_CACHE_MEMORY, default_cache_memory, shared_store
 
     budget = default_cache_memory()
     assert 0 < budget <= DEFAULT_CACHE_MEMORY

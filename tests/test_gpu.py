@@ -16,8 +16,8 @@ from conftest import TINY, TinyNet, quick_finetune
 from torch import nn
 
 import zoo
-from zoo.features import FeatureStore
-from zoo.runner import RESUME_FILE, Callback, FreezeState, Run, gather, input_workers
+from zoo.data.feature_cache import FeatureStore
+from zoo.training.runner import RESUME_FILE, Callback, FreezeState, Run, gather, input_workers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

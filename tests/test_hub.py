@@ -25,9 +25,9 @@ from conftest import TINY
 from huggingface_hub import HfApi, constants
 
 import zoo
-from zoo.checkpoint import load_checkpoint
-from zoo.errors import CheckpointError, HubError
-from zoo.hub import _safe_name, from_pretrained, pull_from_hub, push_to_hub
+from zoo.core.errors import CheckpointError, HubError
+from zoo.persist.checkpoint import load_checkpoint
+from zoo.persist.hub import _safe_name, from_pretrained, pull_from_hub, push_to_hub
 from zoo.testing.hub_server import HubServer
 
 TOKEN = "hf_secret_test_token"
@@ -415,7 +415,7 @@ def test_timm_full_checkpoint_loads_with_timm_alone(hub: HubServer, tmp_path: Pa
 def test_model_card_follows_hub_conventions() -> None:
     from huggingface_hub import ModelCard
 
-    from zoo.checkpoint import model_card
+    from zoo.persist.checkpoint import model_card
 
     weights = zoo.get_backbone("timm/resnet18").weights[0]
     config = {"backbone": "timm/resnet18", "kind": "delta", "num_classes": 3,

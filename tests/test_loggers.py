@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import zoo
-from zoo.errors import DuplicateNameError, UnknownNameError, ZooError
-from zoo.loggers import (
+from zoo.core.errors import DuplicateNameError, UnknownNameError, ZooError
+from zoo.plugins.manager import get_plugin_manager
+from zoo.training.loggers import (
     ConsoleLogger,
     CsvLogger,
     flatten,
@@ -22,8 +23,7 @@ from zoo.loggers import (
     make_loggers,
     progress_bar,
 )
-from zoo.plugins import get_plugin_manager
-from zoo.runner import Callback, Run
+from zoo.training.runner import Callback, Run
 
 
 class FakeRun(Run):

@@ -11,8 +11,8 @@ import torch
 
 import zoo
 from zoo.cli import main
-from zoo.errors import ZooError
-from zoo.lr_find import lr_find, suggest
+from zoo.core.errors import ZooError
+from zoo.training.lr_find import lr_find, suggest
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

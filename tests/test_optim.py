@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from zoo.errors import ZooError
-from zoo.optim import (
+from zoo.core.errors import ZooError
+from zoo.training.optim import (
     SCHEDULES,
     GradientStep,
     build_optimizer,

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import zoo
-from zoo import hookspecs
 from zoo.cli import main
-from zoo.plugins import get_plugin_manager
+from zoo.plugins import hookspecs
+from zoo.plugins.manager import get_plugin_manager
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_PLUGIN = Path(__file__).parent / "fixtures" / "zoo_tinyplugin"
@@ -161,7 +161,7 @@ def test_an_installed_third_party_plugin_is_discovered(installed_plugin: Path) -
 
 def test_a_blocked_plugin_is_not_loaded(installed_plugin: Path, tmp_path: Path) -> None:
     registry = tmp_path / "registry.toml"
-    text = (ROOT / "zoo" / "registry.toml").read_text()
+    text = (ROOT / "zoo" / "plugins" / "registry.toml").read_text()
     registry.write_text(text.replace("blocked = []", 'blocked = ["tiny", "zoo_vit"]'))
     env = {"PYTHONPATH": str(installed_plugin), "ZOO_REGISTRY": str(registry)}
     names = run_zoo("list", env=env).stdout.split()
@@ -202,7 +202,7 @@ def test_listing_imports_neither_torch_nor_timm() -> None:
                                   "timm/vit_tiny_patch16_224", "timm/convnext_atto",
                                   "timm/mobilenetv3_small_100"])
 def test_timm_backbones_have_groups_covering_every_parameter_once(name: str) -> None:
-    from zoo.models import assign_groups
+    from zoo.models.build import assign_groups
 
     spec = zoo.get_backbone(name)
     model = zoo.create_model(name, num_classes=7).eval()

@@ -28,10 +28,10 @@ from hypothesis import strategies as st
 
 import zoo
 import zoo.cli
-import zoo.plugins
-from zoo.errors import CheckpointError, ZooError
-from zoo.strategies import parse_option_value
-from zoo.validate import DTYPE_SIZES, validate_config, validate_header, validate_safetensors
+import zoo.plugins.manager
+from zoo.core.errors import CheckpointError, ZooError
+from zoo.models.strategy import parse_option_value
+from zoo.persist.validate import DTYPE_SIZES, validate_config, validate_header, validate_safetensors
 
 COUNTS = {"malformed inputs": 0, "faults injected": 0}
 TOKEN = "hf_SECRETtoken123"
@@ -490,15 +490,15 @@ def test_malformed_cli_input_is_one_clear_line(
 MALFORMED_TOML = {
     "syntax": "[plugins\nbuiltin = [",
     "wrong-type": "plugins = 3\n",
-    "builtin-not-list": "[plugins]\nbuiltin = \"zoo.models\"\n",
+    "builtin-not-list": "[plugins]\nbuiltin = \"zoo.models.build\"\n",
 }
 
 
 @pytest.fixture
 def reset_plugins() -> Iterator[None]:
-    zoo.plugins.reset()
+    zoo.plugins.manager.reset()
     yield
-    zoo.plugins.reset()
+    zoo.plugins.manager.reset()
 
 
 @pytest.mark.parametrize("text", list(MALFORMED_TOML.values()), ids=list(MALFORMED_TOML))
@@ -510,22 +510,22 @@ def test_malformed_registry_toml_names_the_file(
     path = tmp_path / "registry.toml"
     path.write_text(text)
     monkeypatch.setenv("ZOO_REGISTRY", str(path))
-    zoo.plugins.reset()
+    zoo.plugins.manager.reset()
     line = _assert_one_line_error(zoo.cli.main(["list"]), capsys.readouterr().err)
     assert "registry.toml" in line
     monkeypatch.delenv("ZOO_REGISTRY")
-    zoo.plugins.reset()
+    zoo.plugins.manager.reset()
 
 
 def test_missing_registry_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                reset_plugins: None, capsys: pytest.CaptureFixture[str]) -> None:
     COUNTS["malformed inputs"] += 1
     monkeypatch.setenv("ZOO_REGISTRY", str(tmp_path / "nowhere.toml"))
-    zoo.plugins.reset()
+    zoo.plugins.manager.reset()
     line = _assert_one_line_error(zoo.cli.main(["list"]), capsys.readouterr().err)
     assert "nowhere.toml" in line
     monkeypatch.delenv("ZOO_REGISTRY")
-    zoo.plugins.reset()
+    zoo.plugins.manager.reset()
 
 
 def _labels_out_of_range(tmp: Path) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import zoo
-from zoo.errors import ZooError
-from zoo.runfile import load_run, run_keys, write_run
+from zoo.core.errors import ZooError
+from zoo.training.runfile import load_run, run_keys, write_run
 
 SETTINGS = {"backbone": "cifar_resnet20", "strategy": "partial", "train": "digits",
             "epochs": 2, "batch_size": 32, "lr": 0.003, "weight_decay": 0.05,

@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 import zoo
-from zoo.errors import ZooError
-from zoo.features import FeatureStore
-from zoo.runner import RESUME_FILE, Callback, Run
+from zoo.core.errors import ZooError
+from zoo.data.feature_cache import FeatureStore
+from zoo.training.runner import RESUME_FILE, Callback, Run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -29,10 +29,10 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 
 import zoo
-from zoo import checkpoint as ckpt
 from zoo.cli import main
-from zoo.errors import CheckpointError, ZooError
-from zoo.weights import file_sha256
+from zoo.core._io import file_sha256
+from zoo.core.errors import CheckpointError, ZooError
+from zoo.persist import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

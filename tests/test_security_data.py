@@ -30,8 +30,8 @@ from torch.utils.data import Dataset
 
 import zoo
 from zoo import cli
-from zoo.data import load_image
-from zoo.errors import ZooError
+from zoo.core.errors import ZooError
+from zoo.data.dataset import load_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -21,9 +21,10 @@ from huggingface_hub import HfApi, constants
 
 import zoo
 from zoo.cli import main
-from zoo.errors import CheckpointError, HubError, WeightsError
-from zoo.hub import hub_download, pull_from_hub
+from zoo.core.errors import CheckpointError, HubError, WeightsError
+from zoo.persist.hub import pull_from_hub
 from zoo.testing.hub_server import HubServer
+from zoo.weights._hf import hub_download
 
 TOKEN = "hf_secret_security_token"
 WRONG = "hf_wrong_security_token"

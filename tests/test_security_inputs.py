@@ -27,17 +27,16 @@ from conftest import TINY, TinyNet
 
 import zoo
 import zoo.cli
-from zoo.errors import CheckpointError, ZooError
-from zoo.runner import RESUME_FILE, Callback, Run
-from zoo.strategies import make_strategy
-from zoo.validate import (
-    MAX_CLASSES,
+from zoo.core.arguments import MAX_CLASSES, MAX_INPUT_SIDE
+from zoo.core.errors import CheckpointError, ZooError
+from zoo.models.strategy import make_strategy
+from zoo.persist.validate import (
     MAX_HEADER_BYTES,
-    MAX_INPUT_SIDE,
     validate_config,
     validate_header,
     validate_safetensors,
 )
+from zoo.training.runner import RESUME_FILE, Callback, Run
 
 FT = ["finetune", "--backbone", "cifar_resnet20", "--strategy", "partial", "--data", "digits",
       "--limit-per-class", "2", "--image-size", "8", "--epochs", "1", "--weights", "none",

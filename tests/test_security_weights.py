@@ -23,8 +23,8 @@ import pytest
 import torch
 
 import zoo
-from zoo import weights as zw
-from zoo.errors import WeightsError
+from zoo.core.errors import WeightsError
+from zoo.weights import load as zw
 
 try:
     import fcntl
@@ -295,7 +295,7 @@ def test_download_killed_midway_leaves_a_part_that_the_next_download_removes(
         server: HostileServer, zoo_home: Path) -> None:
     """Issue 12.6: kill -9 during a download, then download again: no .part is left."""
     source = server.url("endless")
-    code = ("import zoo; from zoo import weights as zw; "
+    code = ("import zoo; from zoo.weights import load as zw; "
             f"zw.fetch(zoo.Weights(tag='t', source={source!r}))")
     env = {**os.environ, "ZOO_HOME": str(zoo_home)}
     child = subprocess.Popen([sys.executable, "-c", code], env=env)

@@ -19,8 +19,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import zoo
-from zoo.runner import Callback, Run
-from zoo.strategies import GroupPlan, make_strategy, selects
+from zoo.models.strategy import GroupPlan, make_strategy, selects
+from zoo.training.runner import Callback, Run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import zoo
-from zoo.features import FeatureStore
+from zoo.data.feature_cache import FeatureStore
 
 SEQUENTIAL = {
     "timm/resnet18": ["stem", "layer1", "layer2", "layer3", "layer4", "head"],

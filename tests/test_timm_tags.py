@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import zoo
-from zoo import weights as zw
 from zoo.cli import main
+from zoo.weights import load as zw
 
 
 def test_the_shipped_name_index_matches_the_installed_timm() -> None:

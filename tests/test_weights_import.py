@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import zoo
-from zoo import weights as zw
 from zoo.cli import main
-from zoo.errors import WeightsError
+from zoo.core.errors import WeightsError
+from zoo.weights import load as zw
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESNET20 = SHARED_DATA / "cifar-resnet" / "resnet20-12fca82f.th"

@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from zoo.errors import (
+from zoo.core import __version__ as __version__
+from zoo.core.errors import (
     CheckpointError,
     DuplicateNameError,
     HubError,
@@ -20,43 +21,41 @@ from zoo.errors import (
     WeightsError,
     ZooError,
 )
-from zoo.hookspecs import hookimpl
-from zoo.registry import get_backbone, get_strategy, list_backbones, list_strategies
-from zoo.spec import Backbone, BackboneFamily, LayerGroup, Stage, Strategy, Weights
-
-__version__ = "0.1.0"
+from zoo.core.spec import Backbone, BackboneFamily, LayerGroup, Stage, Strategy, Weights
+from zoo.plugins.hookspecs import hookimpl
+from zoo.plugins.registry import get_backbone, get_strategy, list_backbones, list_strategies
 
 # Public functions living in modules that import torch: loaded on first attribute access.
 _LAZY = {
-    "create_model": "zoo.models",
-    "layer_groups": "zoo.models",
-    "transforms_for": "zoo.models",
-    "load_weights": "zoo.weights",
-    "import_weights": "zoo.weights",
-    "finetune": "zoo.runner",
-    "evaluate": "zoo.runner",
-    "FinetuneResult": "zoo.runner",
-    "Callback": "zoo.runner",
-    "plan": "zoo.strategies",
-    "FreezeStrategy": "zoo.strategies",
-    "GroupPlan": "zoo.strategies",
-    "save_checkpoint": "zoo.checkpoint",
-    "load_checkpoint": "zoo.checkpoint",
-    "export": "zoo.exporting",
-    "load_peft_adapter": "zoo.peft_interop",
-    "push_to_hub": "zoo.hub",
-    "pull_from_hub": "zoo.hub",
-    "from_pretrained": "zoo.hub",
-    "compare": "zoo.compare",
-    "ComparisonResult": "zoo.compare",
-    "list_datasets": "zoo.data",
-    "load_data": "zoo.data",
-    "load_run": "zoo.runfile",
-    "write_run": "zoo.runfile",
-    "lr_find": "zoo.lr_find",
-    "predict": "zoo.inference",
-    "embed": "zoo.inference",
-    "save_embeddings": "zoo.inference",
+    "create_model": "zoo.models.build",
+    "layer_groups": "zoo.models.build",
+    "transforms_for": "zoo.models.build",
+    "load_weights": "zoo.weights.load",
+    "import_weights": "zoo.weights.load",
+    "finetune": "zoo.training.runner",
+    "evaluate": "zoo.training.runner",
+    "FinetuneResult": "zoo.training.runner",
+    "Callback": "zoo.training.runner",
+    "plan": "zoo.models.strategy",
+    "FreezeStrategy": "zoo.models.strategy",
+    "GroupPlan": "zoo.models.strategy",
+    "save_checkpoint": "zoo.persist.checkpoint",
+    "load_checkpoint": "zoo.persist.checkpoint",
+    "export": "zoo.deploy.export",
+    "load_peft_adapter": "zoo.deploy.peft_interop",
+    "push_to_hub": "zoo.persist.hub",
+    "pull_from_hub": "zoo.persist.hub",
+    "from_pretrained": "zoo.persist.hub",
+    "compare": "zoo.experiments.compare",
+    "ComparisonResult": "zoo.experiments.compare",
+    "list_datasets": "zoo.data.dataset",
+    "load_data": "zoo.data.dataset",
+    "load_run": "zoo.training.runfile",
+    "write_run": "zoo.training.runfile",
+    "lr_find": "zoo.training.lr_find",
+    "predict": "zoo.deploy.inference",
+    "embed": "zoo.deploy.inference",
+    "save_embeddings": "zoo.deploy.inference",
 }
 
 __all__ = [

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from zoo.errors import ZooError
+from zoo.core.errors import ZooError
 
 
 class UsageError(ZooError):
@@ -34,7 +34,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def _options(pairs: Sequence[str] | None) -> dict[str, Any]:
-    from zoo.strategies import parse_option_value
+    from zoo.models.strategy import parse_option_value
 
     result: dict[str, Any] = {}
     for pair in pairs or ():
@@ -85,7 +85,7 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     import zoo
-    from zoo.registry import current
+    from zoo.plugins.registry import current
 
     registry = current()
     if args.name in registry.strategies or args.name in registry.strategy_aliases:
@@ -96,8 +96,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         return
     import torch
 
-    from zoo.models import assign_groups
-    from zoo.weights import describe
+    from zoo.models.build import assign_groups
+    from zoo.weights.load import describe
 
     spec = zoo.get_backbone(args.name)
     with torch.device("meta"):
@@ -131,8 +131,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_plugins(args: argparse.Namespace) -> None:
-    from zoo.plugins import get_plugin_manager
-    from zoo.registry import current
+    from zoo.plugins.manager import get_plugin_manager
+    from zoo.plugins.registry import current
 
     pm = get_plugin_manager()
     registry = current()
@@ -149,7 +149,7 @@ def cmd_plugins(args: argparse.Namespace) -> None:
 
 
 def cmd_datasets(args: argparse.Namespace) -> None:
-    from zoo.data import list_datasets
+    from zoo.data.dataset import list_datasets
 
     rows = [("name", "classes", "image", "train", "val", "description")]
     for d in list_datasets():
@@ -160,7 +160,7 @@ def cmd_datasets(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from zoo.strategies import plan
+    from zoo.models.strategy import plan
 
     report = plan(args.backbone, args.strategy, _options(args.option), epochs=args.epochs,
                   lr=args.lr, num_classes=args.num_classes)
@@ -175,7 +175,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
 def _require_default_weights(backbone: str, strategy: str, options: dict[str, Any]) -> None:
     """Refuse, in the command line's words, a pretrained run of a backbone without weights."""
     import zoo
-    from zoo.strategies import make_strategy
+    from zoo.models.strategy import make_strategy
 
     spec = zoo.get_backbone(backbone)
     if spec.default_weights is None and make_strategy(strategy, options).pretrained:
@@ -305,17 +305,17 @@ def _print_run(result: Any) -> None:
 
 def _load_model(target: str) -> Any:
     if target.startswith("hf-hub:") or (not Path(target).exists() and target.count("/") == 1):
-        from zoo.hub import from_pretrained
+        from zoo.persist.hub import from_pretrained
 
         return from_pretrained(target)
-    from zoo.checkpoint import load_checkpoint
+    from zoo.persist.checkpoint import load_checkpoint
 
     return load_checkpoint(target)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     import zoo
-    from zoo.evaluation import check_evaluation_dir, write_evaluation
+    from zoo.training.evaluate import check_evaluation_dir, write_evaluation
 
     if args.out is not None:
         check_evaluation_dir(args.out)  # before the slow part: never over a user's files
@@ -360,7 +360,7 @@ def _evaluation_text(metrics: dict[str, Any], max_rows: int = 100) -> str:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from zoo.inference import predict_indexed
+    from zoo.deploy.inference import predict_indexed
 
     if args.top_k < 1:
         raise UsageError(f"--top-k must be 1 or more, got {args.top_k}")
@@ -373,7 +373,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
-    from zoo.inference import check_embedding_path, embed, save_embeddings
+    from zoo.deploy.inference import check_embedding_path, embed, save_embeddings
 
     check_embedding_path(args.out, args.overwrite)  # before the slow part
     vectors = embed(args.checkpoint, args.images, at=args.at, batch_size=args.batch_size,
@@ -384,7 +384,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
 
 def cmd_weights_download(args: argparse.Namespace) -> None:
-    from zoo.weights import download
+    from zoo.weights.load import download
 
     name, _, tag = args.name.partition(":")
     path = download(name, tag or None)
@@ -392,14 +392,14 @@ def cmd_weights_download(args: argparse.Namespace) -> None:
 
 
 def cmd_weights_import(args: argparse.Namespace) -> None:
-    from zoo.weights import import_weights
+    from zoo.weights.load import import_weights
 
     path = import_weights(args.name, args.file, force=args.force)
     print(f"imported {args.file} as {args.name}: {path}")
 
 
 def cmd_weights_list(args: argparse.Namespace) -> None:
-    from zoo.weights import list_weights
+    from zoo.weights.load import list_weights
 
     rows = list_weights(args.name)
     if args.json:
@@ -418,8 +418,8 @@ def cmd_weights_list(args: argparse.Namespace) -> None:
 
 
 def cmd_weights_verify(args: argparse.Namespace) -> None:
-    from zoo.errors import WeightsError
-    from zoo.weights import verify_cache, weights_dir
+    from zoo.core.errors import WeightsError
+    from zoo.weights.load import verify_cache, weights_dir
 
     rows = verify_cache()
     if args.json:
@@ -438,7 +438,7 @@ def cmd_weights_verify(args: argparse.Namespace) -> None:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> None:
-    from zoo.lr_find import lr_find
+    from zoo.training.lr_find import lr_find
 
     weights = None if args.weights in ("none", "random") else args.weights
     result = lr_find(args.backbone, args.strategy, args.data, weights=weights,
@@ -453,7 +453,7 @@ def cmd_lr_find(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from zoo.compare import compare, format_table
+    from zoo.experiments.compare import compare, format_table
 
     kwargs = _training_kwargs(args)
     result = compare(
@@ -488,7 +488,7 @@ def _strategy_options(pairs: Sequence[str] | None,
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from zoo.compare import run_demo
+    from zoo.experiments.compare import run_demo
 
     run_demo(args.out, quick=args.quick)  # prints its table, summary and report path
 
@@ -506,14 +506,14 @@ def _hub_token(value: str | None) -> str | None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from zoo.exporting import export
+    from zoo.deploy.export import export
 
     path = export(_load_model(args.checkpoint), args.format, args.out, overwrite=args.overwrite)
     print(f"exported {args.checkpoint} as {args.format}: {path}")
 
 
 def cmd_push(args: argparse.Namespace) -> None:
-    from zoo.hub import push_to_hub
+    from zoo.persist.hub import push_to_hub
 
     url = push_to_hub(args.directory, args.repo_id, token=_hub_token(args.token),
                       endpoint=args.endpoint,
@@ -523,7 +523,7 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
-    from zoo.hub import pull_from_hub
+    from zoo.persist.hub import pull_from_hub
 
     path = pull_from_hub(args.repo_id, revision=args.revision, token=_hub_token(args.token),
                          endpoint=args.endpoint)
@@ -856,7 +856,7 @@ def _name_columns(args: argparse.Namespace) -> None:
     columns = (getattr(args, "image_column", None), getattr(args, "label_column", None))
     if columns == (None, None):
         return
-    from zoo.hf_data import DataSource
+    from zoo.data.hf import DataSource
 
     for key in ("data", "val"):
         if getattr(args, key, None) is not None:

@@ -30,8 +30,8 @@ def _folder_size(path: Path) -> int:
 
 def report() -> str:
     """Versions, device, cache location and size, and plugins (loaded or failed)."""
-    from zoo import __version__
-    from zoo.errors import ZooError
+    from zoo.core import __version__
+    from zoo.core.errors import ZooError
 
     lines = [f"zoo {__version__}", f"python {platform.python_version()} "
              f"({platform.system()} {platform.machine()}), {os.cpu_count()} CPUs"]
@@ -47,15 +47,15 @@ def report() -> str:
         lines.append(f"device: {device}; torch threads {torch.get_num_threads()}")
     except Exception as exc:  # a broken torch install is exactly what doctor must show
         lines.append(f"device: torch failed to import: {type(exc).__name__}: {exc}")
-    from zoo.weights import zoo_home
+    from zoo.core.paths import zoo_home
 
     home = zoo_home()
     size = _folder_size(home) if home.exists() else 0
     lines.append(f"cache: {home} ({size / 1e6:.1f} MB){'' if home.exists() else ' (empty)'}")
     lines.append(f"ZOO_LOAD_PLUGINS={os.environ.get('ZOO_LOAD_PLUGINS', '(unset: all)')}")
     try:
-        from zoo.plugins import get_plugin_manager
-        from zoo.registry import current
+        from zoo.plugins.manager import get_plugin_manager
+        from zoo.plugins.registry import current
 
         pm = get_plugin_manager()
         registry = current()

@@ -72,8 +72,8 @@ def register_backbones(register: Callable[[zoo.Backbone], None]) -> None:
             default_weights="cifar10",
             aliases=(f"resnet{depth}",),
             input_size=(3, 32, 32),
-            mean=zoo.spec.IMAGENET_MEAN,  # the training code normalised with ImageNet stats
-            std=zoo.spec.IMAGENET_STD,
+            mean=zoo.core.spec.IMAGENET_MEAN,  # the training code normalised with ImageNet stats
+            std=zoo.core.spec.IMAGENET_STD,
             description=f"ResNet-{depth} for 32x32 images (He et al. 2016, CIFAR variant)",
             stages="zoo_cifar_resnet.model:stages",
         ))

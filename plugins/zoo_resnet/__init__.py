@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import zoo
-from zoo.spec import imagenet_categories
+from zoo.core.spec import imagenet_categories
 
 _V1_RECIPE = "https://github.com/pytorch/vision/tree/main/references/classification#resnet"
 _NEW_RECIPE = "https://github.com/pytorch/vision/issues/3995#new-recipe"

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 
 import zoo
-from zoo.strategies import FreezeStrategy, GroupPlan, Plan
+from zoo.models.strategy import FreezeStrategy, GroupPlan, Plan
 
 
 def _frozen_below(groups: Sequence[str], n_frozen: int) -> Plan:

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import zoo
-from zoo.strategies import FreezeStrategy, GroupPlan, Plan
+from zoo.models.strategy import FreezeStrategy, GroupPlan, Plan
 
 _TARGETS = {"linear": (nn.Linear,), "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
 # Adapters cost rank * (fan_in + fan_out) numbers per layer; a rank from an untrusted

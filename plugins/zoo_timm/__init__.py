@@ -240,7 +240,7 @@ def tag_datasets(tag: str, num_classes: int | None = None) -> str:
 
 def _weights_from_cfg(cfg: Any, tag: str) -> zoo.Weights:
     """zoo weights for a usable timm pretrained cfg (see ``index.usable``), called ``tag``."""
-    categories = zoo.spec.imagenet_categories() if cfg.num_classes == 1000 else None
+    categories = zoo.core.spec.imagenet_categories() if cfg.num_classes == 1000 else None
     meta = {"dataset": tag_datasets(cfg.tag or "", cfg.num_classes),
             "timm_name": f"{cfg.architecture}.{cfg.tag}", "base_model": cfg.hf_hub_id}
     meta.update({k: getattr(cfg, k) for k in ("origin_url", "paper_ids") if getattr(cfg, k)})
@@ -292,7 +292,7 @@ def resolve(name: str) -> zoo.Backbone | None:
     arch, tag = split_name(name)
     if not arch or not timm.is_model(arch):
         return None
-    from zoo.spec import resolve_callable
+    from zoo.core.spec import resolve_callable
 
     extra = [resolve_callable(ref) for ref in EXTRA_WEIGHTS.get(arch, ())]
     hub = _hub_weights(arch, {w.tag for w in extra})

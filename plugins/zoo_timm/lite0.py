@@ -103,7 +103,7 @@ LITE0_PACKAGE_WEIGHTS = zoo.Weights(
     ),
     sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
     num_classes=1000,
-    categories=zoo.spec.imagenet_categories(),
+    categories=zoo.core.spec.imagenet_categories(),
     input_size=(3, 224, 224),
     resize_size=256,  # timm's crop_pct 0.875: 224 / 0.875
     interpolation="bicubic",

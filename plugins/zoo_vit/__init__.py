@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import zoo
-from zoo.spec import imagenet_categories
+from zoo.core.spec import imagenet_categories
 
 _SWAG_LICENSE = "CC-BY-NC-4.0"  # https://github.com/facebookresearch/SWAG/blob/main/LICENSE
 _SWAG_E2E_RECIPE = "https://github.com/facebookresearch/SWAG"

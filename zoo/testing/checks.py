@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from zoo.errors import ZooError
-from zoo.spec import Backbone, LayerGroup, Weights, resolve_callable
+from zoo.core.errors import ZooError
+from zoo.core.spec import Backbone, LayerGroup, Weights, resolve_callable
 
 OK, SKIPPED, FAILED = "ok", "skipped", "failed"
 
@@ -91,7 +91,7 @@ def check_backbone(name: str | Backbone, *, forward: bool = True, image_size: in
     meta device only, for backbones too large to run in a test. Raises
     ``BackboneCheckError`` on a failure unless ``raise_on_failure`` is False.
     """
-    from zoo.registry import get_backbone
+    from zoo.plugins.registry import get_backbone
 
     spec = get_backbone(name) if isinstance(name, str) else name
     report = BackboneReport(spec.name)
@@ -123,7 +123,7 @@ def _builder_kwargs(spec: Backbone, image_size: int | None) -> dict[str, Any]:
 def _check_build(spec: Backbone, report: BackboneReport, num_classes: int, forward: bool,
                  image_size: int | None) -> nn.Module | None:
     """Build the model (random, or on the meta device) and check it has ``num_classes``."""
-    from zoo.models import create_model
+    from zoo.models.build import create_model
 
     kwargs = _builder_kwargs(spec, image_size)
     try:
@@ -144,7 +144,7 @@ def _check_build(spec: Backbone, report: BackboneReport, num_classes: int, forwa
 def _check_groups(spec: Backbone, model: nn.Module, report: BackboneReport
                   ) -> tuple[LayerGroup, ...] | None:
     """Groups: named uniquely, ``head`` last, every parameter in exactly one, none empty."""
-    from zoo.models import assign_groups
+    from zoo.models.build import assign_groups
 
     try:
         groups = spec.layer_groups(model)
@@ -230,8 +230,8 @@ def _compare(staged: Any, expected: torch.Tensor) -> str | None:
 
 def _check_weights(spec: Backbone, weights: Weights, report: BackboneReport) -> None:
     """Weights already here load and fit; others are skipped (nothing is downloaded)."""
-    from zoo.models import create_model
-    from zoo.weights import cached_path
+    from zoo.models.build import create_model
+    from zoo.weights.load import cached_path
 
     name = f"weights {weights.tag}"
     if cached_path(weights) is None:
@@ -251,7 +251,7 @@ def _check_weights(spec: Backbone, weights: Weights, report: BackboneReport) -> 
 def _check_transforms(spec: Backbone, report: BackboneReport) -> None:
     """Each weights' transform matches its declared preprocessing, and the backbone's own
     input size and normalisation match its default weights'."""
-    from zoo.models import transforms_for
+    from zoo.models.build import transforms_for
 
     rows: list[tuple[str, Callable[[], str | None]]] = []
     for w in spec.weights:
