@@ -26,7 +26,7 @@ from zoo.data.augment_ops import (
     random_resized_crop,
     random_resized_crop_boxes,
 )
-from zoo.data.dataset import BatchTransform
+from zoo.data.transforms import BatchTransform
 
 BASE = BatchTransform((3, 16, 16), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 

@@ -13,14 +13,9 @@ from torch.utils.data import Dataset
 
 from zoo.core.errors import UnknownNameError, ZooError
 from zoo.data import dataset as zdata
-from zoo.data.dataset import (
-    BatchTransform,
-    ImageData,
-    list_datasets,
-    load_data,
-    load_image,
-    transform_for,
-)
+from zoo.data import transforms as ztransforms
+from zoo.data.dataset import ImageData, list_datasets, load_data, load_image
+from zoo.data.transforms import BatchTransform, transform_from_config
 
 CIFAR = Path("/work/shared/data/cifar10-small")
 
@@ -271,14 +266,17 @@ def test_batch_transform_resizes_expands_grey_and_normalises():
 
 def test_batch_transform_is_deterministic_without_augmentation():
     images = torch.randint(0, 256, (5, 3, 10, 10), dtype=torch.uint8)
-    plain = transform_for((3, 10, 10), (0.5,) * 3, (0.5,) * 3)
+    half = {"input_size": (3, 10, 10), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    plain = transform_from_config(half)
     assert plain.deterministic and torch.equal(plain(images), plain(images))
     expected = F.interpolate(images.float() / 255, size=(7, 7), mode="bilinear",
                              antialias=True, align_corners=False)
-    assert torch.allclose(transform_for((3, 7, 7), (0,) * 3, (1,) * 3)(images), expected)
-    augmented = transform_for((3, 10, 10), (0.5,) * 3, (0.5,) * 3, augment=True)
+    small = transform_from_config({"input_size": (3, 7, 7), "mean": (0,) * 3, "std": (1,) * 3})
+    assert torch.allclose(small(images), expected)
+    augmented = transform_from_config(half, augment=True)
     assert not augmented.deterministic and augmented.cache_key() != plain.cache_key()
-    assert plain.cache_key() == transform_for([3, 10, 10], [0.5] * 3, [0.5] * 3).cache_key()
+    as_json = {"input_size": [3, 10, 10], "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert plain.cache_key() == transform_from_config(as_json).cache_key()
     first = augmented(images, torch.Generator().manual_seed(1))
     assert torch.equal(first, augmented(images, torch.Generator().manual_seed(1)))
     assert not torch.equal(first, augmented(images, torch.Generator().manual_seed(2)))
@@ -286,7 +284,7 @@ def test_batch_transform_is_deterministic_without_augmentation():
 
 def test_augmentation_is_a_shifted_and_maybe_flipped_crop_of_each_image():
     image = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8) / 64
-    out = zdata._pad_crop_flip(image.repeat(16, 1, 1, 1), torch.Generator().manual_seed(0))
+    out = ztransforms._pad_crop_flip(image.repeat(16, 1, 1, 1), torch.Generator().manual_seed(0))
     padded = F.pad(image, (1, 1, 1, 1), mode="reflect")[0, 0]
     crops = [padded[dy:dy + 8, dx:dx + 8] for dy in range(3) for dx in range(3)]
     crops += [c.flip(-1) for c in crops]

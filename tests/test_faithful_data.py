@@ -2,9 +2,9 @@
 
 13.1: one preprocessing everywhere. Every image, whatever its size, is resized keeping its
 aspect ratio to ``size / crop_pct`` and centre-cropped to ``size`` (timm's and
-torchvision's evaluation transform) by one function, ``zoo.data.dataset.resize_crop``, from what
-the checkpoint records; so ``predict`` on a file gives exactly the probabilities training's
-validation computed, and ``evaluate``'s accuracy.
+torchvision's evaluation transform) by one function, ``zoo.data.transforms.resize_crop``,
+from what the checkpoint records; so ``predict`` on a file gives exactly the probabilities
+training's validation computed, and ``evaluate``'s accuracy.
 
 13.4: features are cached only for inputs that never change between reads (zoo's folders,
 tensors, built-in sets, or a Dataset declaring ``deterministic = True``); a random
@@ -29,9 +29,9 @@ from torch.utils.data import Dataset
 
 import zoo
 from zoo.core.errors import IncompatibleError, ZooError
-from zoo.data.dataset import BatchTransform, Geometry, ImageData, load_data, load_image, resize_crop
+from zoo.data.dataset import ImageData, load_data, load_image
 from zoo.data.feature_cache import FeatureStore
-from zoo.training.runner import transform_from_config
+from zoo.data.transforms import BatchTransform, Geometry, resize_crop, transform_from_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -137,6 +137,26 @@ def test_predict_gives_the_probabilities_and_accuracy_of_training_and_evaluate(
     printed = [line.split()[-1] for line in capsys.readouterr().out.splitlines()
                if line.startswith("  ")]
     assert printed == [["cat", "coffee", "rocket"][i] for i in predicted.argmax(1).tolist()]
+
+
+def test_one_factory_builds_the_checkpoint_and_the_weights_transform(
+        tiny_photo_net: str, photos: Path, tmp_path: Path) -> None:
+    """Issue 14: a checkpoint's recorded preprocessing and ``zoo.transforms_for`` on its
+    weights go through one factory, so on a real photo they give the same tensor, bit for
+    bit, and the same one the geometry spells out by hand."""
+    zoo.finetune(tiny_photo_net, "linear_probe", photos, epochs=1, batch_size=8, lr=0.05,
+                 quiet=True, output_dir=tmp_path / "run")
+    recorded = zoo.load_checkpoint(tmp_path / "run").zoo_config["preprocessing"]
+    from_checkpoint = transform_from_config(recorded)
+    from_weights = zoo.transforms_for(tiny_photo_net, "local")
+    assert from_checkpoint == from_weights
+    assert (from_weights.crop_pct, from_weights.interpolation) == (0.8, "bicubic")
+
+    photo = load_image(sorted((photos / "val" / "cat").glob("*.png"))[0])
+    x = from_checkpoint.prepare_image(photo)
+    assert torch.equal(x, from_weights.prepare_image(photo))
+    by_hand = resize_crop(photo, Geometry((16, 16), 0.8, "bicubic")).float() / 255
+    assert torch.equal(x, ((by_hand - 0.5) / 0.25)[None])
 
 
 def test_a_hub_copy_predicts_what_the_run_validated(

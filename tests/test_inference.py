@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import zoo
 from zoo.cli import main
 from zoo.data.dataset import load_image
+from zoo.data.transforms import transform_from_config
 
 COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (210, 30, 20)}
 
@@ -87,7 +88,7 @@ def test_embed_is_the_heads_input(trained: tuple[Path, Path, Any]) -> None:
     paths = _images(data)[:5]
     vectors = zoo.embed(model, paths, batch_size=2)
     assert vectors.shape == (5, 16)
-    transform = zoo.training.runner.transform_from_config(model.zoo_config["preprocessing"])
+    transform = transform_from_config(model.zoo_config["preprocessing"])
     x = torch.cat([transform.prepare_image(load_image(p)) for p in paths])
     model.eval()
     with torch.no_grad():

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from zoo.core.errors import ZooError
 from zoo.data import augment_ops
-from zoo.data.dataset import BatchTransform
+from zoo.data.transforms import BatchTransform
 
 PRESETS = ("none", "light", "standard", "strong")
 _CROP_SCALE = {"light": (0.25, 1.0), "standard": (0.08, 1.0), "strong": (0.08, 1.0)}
@@ -148,7 +148,7 @@ def _per_image(pipeline: Callable[[Tensor], Tensor], x: Tensor,
 
 @dataclass(frozen=True)
 class AugmentTransform(BatchTransform):
-    """A :class:`zoo.data.dataset.BatchTransform` whose augmentation is an :class:`Augmentation`:
+    """A :class:`zoo.data.transforms.BatchTransform` whose augmentation is an :class:`Augmentation`:
     fit to the input geometry, match channels, augment (when ``augment``), normalise.
 
     It is a drop-in for the runner: ``replace(t, augment=False)`` is the eval transform,

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from zoo.core.errors import ZooError
-from zoo.data.dataset import BatchTransform, _as_chw, load_image
+from zoo.data.dataset import _as_chw, load_image
+from zoo.data.transforms import BatchTransform, transform_from_config
 
 __all__ = ["embed", "load_model", "predict", "save_embeddings"]
 
@@ -48,8 +49,6 @@ def _config(model: nn.Module) -> dict[str, Any]:
 
 
 def _transform(model: nn.Module) -> BatchTransform:
-    from zoo.training.runner import transform_from_config
-
     return transform_from_config(_config(model)["preprocessing"])
 
 

@@ -16,7 +16,7 @@ from zoo.core.spec import Backbone, LayerGroup, Weights
 from zoo.plugins.registry import get_backbone
 
 if TYPE_CHECKING:
-    from zoo.data.dataset import BatchTransform
+    from zoo.data.transforms import BatchTransform
 
 
 def get_submodule(model: nn.Module, path: str) -> nn.Module:
@@ -175,25 +175,33 @@ def group_modules(model: nn.Module, groups: Sequence[LayerGroup]) -> dict[str, l
 
 def transforms_for(name: str | Backbone, weights: str | Weights | None = "default", *,
                    augment: bool = False) -> BatchTransform:
-    """The eval (or augmented train) transform matching the backbone's weights' preprocessing."""
-    from zoo.data.dataset import BatchTransform
+    """The eval (or augmented train) transform matching the backbone's weights' preprocessing,
+    built by the one factory, ``zoo.data.transforms.transform_from_config``."""
+    from zoo.data.transforms import transform_from_config
 
+    return transform_from_config(preprocessing_for(name, weights), augment=augment)
+
+
+def preprocessing_for(name: str | Backbone, weights: str | Weights | None = "default"
+                      ) -> dict[str, Any]:
+    """The ``preprocessing`` config (input size, mean, std, crop_pct, interpolation) of a
+    backbone's weights: the registered weights' own, else the backbone's defaults."""
     backbone = get_backbone(name) if isinstance(name, str) else name
+    plain = {"input_size": backbone.input_size, "mean": backbone.mean, "std": backbone.std}
     if weights is None or (weights == "default" and backbone.default_weights is None):
-        return BatchTransform(backbone.input_size, backbone.mean, backbone.std, augment=augment)
+        return plain
     from zoo.weights.load import registered_for_path, weights_spec
 
     if isinstance(weights, str | os.PathLike) and Path(weights).suffix:
         # A file: the preprocessing of the registered weights it holds (by sha256), if any.
         weights = registered_for_path(backbone, weights)  # type: ignore[assignment]
         if weights is None:
-            return BatchTransform(backbone.input_size, backbone.mean, backbone.std,
-                                  augment=augment)
+            return plain
     spec = weights_spec(backbone, weights)
     crop = spec.input_size[-1] / spec.resize_size if spec.resize_size else 1.0
-    return BatchTransform(spec.input_size, spec.mean, spec.std, augment=augment,
-                          crop_pct=min(crop, 1.0), interpolation=spec.interpolation
-                          if spec.interpolation in ("bilinear", "bicubic") else "bilinear")
+    return {"input_size": spec.input_size, "mean": spec.mean, "std": spec.std,
+            "crop_pct": min(crop, 1.0), "interpolation": spec.interpolation
+            if spec.interpolation in ("bilinear", "bicubic") else "bilinear"}
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

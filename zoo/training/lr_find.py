@@ -23,7 +23,8 @@ from torch import nn
 
 from zoo.core.errors import ZooError
 from zoo.core.spec import Backbone
-from zoo.data.dataset import BatchTransform, ImageData, load_data, prepare_inputs
+from zoo.data.dataset import ImageData, load_data
+from zoo.data.transforms import BatchTransform, prepare_inputs
 from zoo.models.build import create_model, replace_head, transforms_for
 from zoo.models.strategy import FreezeStrategy, make_strategy
 from zoo.plugins.registry import get_backbone

@@ -32,7 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from zoo.core.arguments import check_arguments
 from zoo.core.errors import IncompatibleError, ZooError
 from zoo.core.spec import Backbone, LayerGroup, Stage, resolve_callable
-from zoo.data.dataset import BatchTransform, ImageData, load_data, prepare_inputs
+from zoo.data.dataset import ImageData, load_data
 from zoo.data.feature_cache import (
     CacheKey,
     FeatureStore,
@@ -41,6 +41,7 @@ from zoo.data.feature_cache import (
     shared_store,
 )
 from zoo.data.hf import is_dataset_dict
+from zoo.data.transforms import BatchTransform, prepare_inputs, transform_from_config
 from zoo.models.build import (
     assign_groups,
     count_parameters,
@@ -1276,13 +1277,6 @@ def _restore(directory: Path, run: Run, config: dict[str, Any], keeper: BestEpoc
 
 
 # --------------------------------------------------------------------------- evaluate
-
-
-def transform_from_config(pre: Mapping[str, Any]) -> BatchTransform:
-    """The eval transform recorded in a checkpoint's ``preprocessing`` section."""
-    return BatchTransform(tuple(pre["input_size"]), tuple(pre["mean"]), tuple(pre["std"]),
-                          crop_pct=pre.get("crop_pct", 1.0),
-                          interpolation=pre.get("interpolation", "bilinear"))
 
 
 @torch.no_grad()
