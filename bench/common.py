@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import zoo
 from zoo.core._io import file_sha256
-from zoo.experiments.compare import release_freed_memory as release_memory
+from zoo.experiments.measure import release_freed_memory as release_memory
 
 MiB = 1024 * 1024
 

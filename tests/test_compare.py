@@ -19,16 +19,10 @@ from conftest import single_torch_thread
 
 import zoo
 from zoo.core.errors import IncompatibleError, ZooError
-from zoo.experiments.compare import (
-    PLOTS,
-    ComparisonResult,
-    _budget_callback,
-    compare,
-    derive,
-    format_table,
-    run_name,
-    write_report,
-)
+from zoo.experiments.analysis import derive
+from zoo.experiments.plots import PLOTS
+from zoo.experiments.report import ComparisonResult, format_table, write_report
+from zoo.experiments.sweep import Budget, compare, run_name
 from zoo.training.runner import Callback
 
 BACKBONES = ["cifar_resnet20", "resnet18"]
@@ -250,7 +244,7 @@ def test_missing_weights_are_refused_before_anything_trains(tmp_path):
 
 
 def test_zoo_compare_is_the_function_even_after_importing_the_experiments_package():
-    import zoo.experiments.compare  # noqa: F401
+    import zoo.experiments.sweep  # noqa: F401
 
     assert zoo.compare is compare
 
@@ -280,13 +274,13 @@ def fake(backbone: str, strategy: str, seed: int, accuracies: list[float],
 
 
 def test_budget_stops_a_run_after_the_epoch_that_crosses_it():
-    stopper = _budget_callback(10.0)
+    stopper = Budget(10.0)
     run = types.SimpleNamespace(epochs=5, stop=False)
     stopper.on_epoch_end(run, 0, {"time_s": 6.0})
     assert not run.stop
     stopper.on_epoch_end(run, 1, {"time_s": 12.0})
     assert run.stop and stopper.stopped
-    last = _budget_callback(10.0)
+    last = Budget(10.0)
     run = types.SimpleNamespace(epochs=2, stop=False)
     last.on_epoch_end(run, 1, {"time_s": 12.0})  # the last epoch: nothing was cut short
     assert not run.stop and not last.stopped

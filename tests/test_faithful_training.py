@@ -30,7 +30,8 @@ import torch
 from conftest import TINY
 
 import zoo
-from zoo.cli import main, new_run_dir
+from zoo.cli import main
+from zoo.cli.training import new_run_dir
 from zoo.core.errors import ZooError
 from zoo.training.runner import RESUME_FILE, BestEpoch, Callback, Run, rank_share
 
@@ -190,7 +191,8 @@ def test_without_validation_data_the_last_epoch_is_kept_and_patience_is_refused(
 def test_compare_reports_the_kept_checkpoint_and_its_epoch(tiny: zoo.Backbone,
                                                            tmp_path: Path) -> None:
     """Issue 13.2: compare's accuracy column is the kept checkpoint's, with its epoch."""
-    from zoo.experiments.compare import compare, format_table
+    from zoo.experiments.report import format_table
+    from zoo.experiments.sweep import compare
 
     result = compare([TINY.name], ["full"], TRAIN, VAL, epochs=3, output_dir=tmp_path,
                      image_size=16, weights=None, batch_size=10, lr=1e-2, quiet=True,

@@ -254,7 +254,7 @@ def test_cli_help_shows_every_default_and_plan_matches_finetune(
         capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 15 parity: finetune's and compare's --help give each default; compare takes
     every finetune option; plan and finetune default to the same epochs."""
-    from zoo.cli import build_parser
+    from zoo.cli.parser import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
@@ -276,10 +276,11 @@ def test_cli_help_shows_every_default_and_plan_matches_finetune(
 def test_compare_takes_per_strategy_options() -> None:
     """Issue 15 parity: ``zoo compare --option partial.freeze_to=block`` reaches only the
     partial runs; an unknown strategy prefix is one clear error."""
-    from zoo.cli import UsageError, _strategy_options
+    from zoo.cli.common import UsageError
+    from zoo.cli.compare import per_strategy_options
 
-    assert _strategy_options(["partial.freeze_to=block", "lr_scale=2"],
-                             ["partial", "scratch", "full"]) == \
+    assert per_strategy_options(["partial.freeze_to=block", "lr_scale=2"],
+                                ["partial", "scratch", "full"]) == \
         {"partial": {"freeze_to": "block", "lr_scale": 2}, "full": {"lr_scale": 2}}
     with pytest.raises(UsageError, match="'gradual' is not one of --strategies"):
-        _strategy_options(["gradual.every=2"], ["partial"])
+        per_strategy_options(["gradual.every=2"], ["partial"])

@@ -54,19 +54,13 @@ def report() -> str:
     lines.append(f"cache: {home} ({size / 1e6:.1f} MB){'' if home.exists() else ' (empty)'}")
     lines.append(f"ZOO_LOAD_PLUGINS={os.environ.get('ZOO_LOAD_PLUGINS', '(unset: all)')}")
     try:
-        from zoo.plugins.manager import get_plugin_manager
-        from zoo.plugins.registry import current
+        from zoo.plugins.summary import plugin_summary
 
-        pm = get_plugin_manager()
-        registry = current()
-        for name, _ in pm.list_name_plugin():
-            backbones = sum(1 for b in registry.backbones.values() if b.plugin == name)
-            families = [f.prefix + "*" for f in registry.families if f.plugin == name]
-            strategies = sum(1 for s in registry.strategies.values() if s.plugin == name)
-            lines.append(f"plugin {name}: {backbones} backbones"
-                         f"{' + ' + ', '.join(families) if families else ''}, "
-                         f"{strategies} strategies")
-        lines += [f"note: {note}" for note in pm.notes]
+        plugins, notes = plugin_summary()
+        lines += [f"plugin {p.name}: {p.backbones} backbones"
+                  f"{' + ' + ', '.join(p.families) if p.families else ''}, "
+                  f"{p.strategies} strategies" for p in plugins]
+        lines += [f"note: {note}" for note in notes]
     except ZooError as exc:
         lines.append(f"plugins FAILED: {exc}")
     return "\n".join(lines)
