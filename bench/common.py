@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import zoo
 from zoo.core._io import file_sha256
+from zoo.core.table import table_lines
 from zoo.experiments.measure import release_freed_memory as release_memory
 
 MiB = 1024 * 1024
@@ -365,24 +366,12 @@ def fmt(value: Any, digits: int = 2) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str = "") -> str:
-    """An aligned plain-text table (numbers right-aligned)."""
+    """An aligned plain-text table under ``title`` (zoo's renderer; columns of numbers
+    right-aligned)."""
     cells = [[fmt(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
-              for i, h in enumerate(headers)]
-    numeric = [all(_numeric(r[i]) for r in cells) if cells else False
-               for i in range(len(headers))]
-
-    def line(values: Sequence[str]) -> str:
-        return "  ".join(v.rjust(w) if num else v.ljust(w)
-                         for v, w, num in zip(values, widths, numeric, strict=True)).rstrip()
-
-    out = []
-    if title:
-        out += [title, "=" * len(title)]
-    out.append(line(headers))
-    out.append("  ".join("-" * w for w in widths))
-    out += [line(r) for r in cells]
-    return "\n".join(out)
+    numeric = {i for i in range(len(headers)) if cells and all(_numeric(r[i]) for r in cells)}
+    out = [title, "=" * len(title)] if title else []
+    return "\n".join(out + table_lines([list(headers), *cells], right=numeric, rule=True))
 
 
 def _numeric(text: str) -> bool:

@@ -18,6 +18,7 @@ from torch import nn
 
 from zoo.core.errors import IncompatibleError, PluginError, ZooError
 from zoo.core.spec import Backbone, LayerGroup, Strategy, resolve_callable
+from zoo.core.table import table as text_table
 from zoo.plugins.registry import get_backbone, get_strategy
 
 
@@ -223,9 +224,7 @@ class PlanReport:
                          f"{g.lr:.2e}" if g.trainable_from_epoch is not None else "frozen",
                          g.bn_mode, start))
         rows.append(("total", f"{self.total_params:,}", f"{self.trainable_params:,}", "", "", ""))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                         for r in rows)
+        return text_table(rows)
 
 
 def trainable_params_by_group(model: nn.Module, owner: Mapping[str, str], plan: Plan

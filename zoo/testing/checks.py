@@ -25,6 +25,7 @@ from torch import nn
 
 from zoo.core.errors import ZooError
 from zoo.core.spec import Backbone, LayerGroup, Weights, resolve_callable
+from zoo.core.table import table_lines
 
 OK, SKIPPED, FAILED = "ok", "skipped", "failed"
 
@@ -61,11 +62,9 @@ class BackboneReport:
 
     def table(self) -> str:
         """The report as aligned text, one check a line."""
-        width = max((len(c.name) for c in self.checks), default=5)
-        lines = [f"{self.backbone}:"]
-        lines += [f"  {c.name:<{width}}  {c.status:<7}  {c.detail}".rstrip()
-                  for c in self.checks]
-        return "\n".join(lines)
+        # the status column is always as wide as the longest status, whichever appear
+        rows = [(c.name, c.status.ljust(len(SKIPPED)), c.detail) for c in self.checks]
+        return "\n".join([f"{self.backbone}:", *("  " + line for line in table_lines(rows))])
 
     def raise_for_failures(self) -> None:
         """Raise ``BackboneCheckError`` (one line naming every failed check) if any failed."""
@@ -231,7 +230,7 @@ def _compare(staged: Any, expected: torch.Tensor) -> str | None:
 def _check_weights(spec: Backbone, weights: Weights, report: BackboneReport) -> None:
     """Weights already here load and fit; others are skipped (nothing is downloaded)."""
     from zoo.models.build import create_model
-    from zoo.weights.load import cached_path
+    from zoo.weights.sources import cached_path
 
     name = f"weights {weights.tag}"
     if cached_path(weights) is None:
