@@ -25,7 +25,7 @@ from zoo_vit.model import VisionTransformer, stages
 
 import zoo
 from zoo.cli import main as cli
-from zoo.persist import checkpoint as ckpt
+from zoo.persist.config import config_from_model
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -90,7 +90,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, An
             size = list(zoo.get_backbone(backbone).input_size)
             if kwargs.get("img_size"):
                 size = [3, kwargs["img_size"], kwargs["img_size"]]
-            model.zoo_config = {**ckpt._config_from_model(model), "builder_kwargs": kwargs,
+            model.zoo_config = {**config_from_model(model), "builder_kwargs": kwargs,
                                 "preprocessing": {"input_size": size, "mean": [0.5] * 3,
                                                   "std": [0.25] * 3, "crop_pct": 0.875,
                                                   "interpolation": "bicubic"},

@@ -415,7 +415,7 @@ def test_timm_full_checkpoint_loads_with_timm_alone(hub: HubServer, tmp_path: Pa
 def test_model_card_follows_hub_conventions() -> None:
     from huggingface_hub import ModelCard
 
-    from zoo.persist.checkpoint import model_card
+    from zoo.persist.card import model_card
 
     weights = zoo.get_backbone("timm/resnet18").weights[0]
     config = {"backbone": "timm/resnet18", "kind": "delta", "num_classes": 3,

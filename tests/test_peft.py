@@ -28,6 +28,7 @@ from zoo_vit.model import VisionTransformer, stages
 import zoo
 from zoo.cli import main as cli
 from zoo.models.strategy import make_strategy
+from zoo.persist.config import config_from_model
 
 peft = pytest.importorskip("peft")
 
@@ -236,7 +237,7 @@ def test_adapter_written_by_zoo_loads_back_without_naming_its_base(
     names, preprocessing), so load_peft_adapter(FOLDER) alone rebuilds the same model."""
     name = pretrained("resnet18")
     model = lora_model(name, {"rank": 2, "alpha": 2})
-    model.zoo_config = {**zoo.persist.checkpoint._config_from_model(model),
+    model.zoo_config = {**config_from_model(model),
                         "class_names": ["ant", "bee", "cat", "dog"]}
     out = zoo.export(model, format="peft", out=tmp_path / "adapter")
     again = zoo.load_peft_adapter(out)

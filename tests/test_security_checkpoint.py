@@ -33,6 +33,8 @@ from zoo.cli import main
 from zoo.core._io import file_sha256
 from zoo.core.errors import CheckpointError, ZooError
 from zoo.persist import checkpoint as ckpt
+from zoo.persist.config import config_from_model
+from zoo.persist.locks import LOCK_FILE, READ_LOCK_FILE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -492,7 +494,7 @@ def test_a_read_only_folder_still_loads(with_lock_files: bool, saved: Path) -> N
     """Issue 12.5: a folder the reader cannot write to (a pulled snapshot without lock
     files, a read-only copy of a saved one) loads without locks and creates nothing."""
     if not with_lock_files:
-        for name in (ckpt.LOCK_FILE, ckpt.READ_LOCK_FILE):
+        for name in (LOCK_FILE, READ_LOCK_FILE):
             (saved / name).unlink()
     before = snapshot(saved)
     undo = make_read_only([saved, *saved.iterdir()])
@@ -509,7 +511,7 @@ def test_a_read_only_folder_still_loads(with_lock_files: bool, saved: Path) -> N
 def test_a_reader_creates_no_lock_file(saved: Path) -> None:
     """Issue 12.5: only writers create lock files, so loading a pulled snapshot leaves the
     Hub cache as it was."""
-    for name in (ckpt.LOCK_FILE, ckpt.READ_LOCK_FILE):
+    for name in (LOCK_FILE, READ_LOCK_FILE):
         (saved / name).unlink()
     before = snapshot(saved)
     zoo.load_checkpoint(saved)
@@ -525,7 +527,7 @@ def test_builder_kwargs_from_a_checkpoint_must_be_declared_safe(tmp_path: Path) 
     pytest.importorskip("timm")
     name = "timm/test_efficientnet"
     model = zoo.create_model(name, num_classes=3, weights=None, drop_rate=0.1)
-    model.zoo_config = {**ckpt._config_from_model(model), "builder_kwargs": {"drop_rate": 0.1}}
+    model.zoo_config = {**config_from_model(model), "builder_kwargs": {"drop_rate": 0.1}}
     directory = zoo.save_checkpoint(model, tmp_path / "timm", kind="full")
     zoo.load_checkpoint(directory)  # a declared key loads
     secret = tmp_path / "secret.pth"

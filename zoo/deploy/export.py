@@ -87,9 +87,9 @@ def _as_model(target: nn.Module | str | os.PathLike[str]) -> nn.Module:
 def export_metadata(model: nn.Module) -> dict[str, Any]:
     """What an exported model needs beside its graph: preprocessing and class names."""
     from zoo.core import __version__
-    from zoo.persist.checkpoint import _config_from_model
+    from zoo.persist.config import config_from_model
 
-    config = getattr(model, "zoo_config", None) or _config_from_model(model)
+    config = getattr(model, "zoo_config", None) or config_from_model(model)
     pre = dict(config.get("preprocessing") or {})
     if "crop_pct" not in pre or "interpolation" not in pre:
         pre = {**_weights_preprocessing(config), **pre}

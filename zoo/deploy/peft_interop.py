@@ -67,11 +67,11 @@ def export_peft(model: nn.Module, out: str | os.PathLike[str], *, overwrite: boo
     ``zoo.create_model(backbone, weights=TAG, num_classes=N)``: the same base weights, with
     a head of the checkpoint's size (PEFT replaces its values).
     """
-    from zoo.persist.checkpoint import _config_from_model
+    from zoo.persist.config import config_from_model
 
     out = Path(out)
     _check_output_folder(out, overwrite=overwrite)
-    config = dict(getattr(model, "zoo_config", None) or _config_from_model(model))
+    config = dict(getattr(model, "zoo_config", None) or config_from_model(model))
     adapters = lora_adapters(model)
     if not adapters:
         raise ExportError("the model has no LoRA adapters (not trained with lora, or saved with "
@@ -159,13 +159,14 @@ def _modules_to_save(model: nn.Module, config: Mapping[str, Any],
                      adapters: Mapping[str, nn.Module]) -> set[str]:
     """The modules holding tensors that differ from the rebuilt base (the trained head);
     refused when PEFT could not save them exactly."""
-    from zoo.persist.checkpoint import _build_base, base_is_registered
+    from zoo.models.build import model_from_config
+    from zoo.persist.config import base_is_registered
 
     if not base_is_registered(config):
         raise ExportError("the model's base is not registered weights of its backbone (random "
                           "or a local file), so nobody could rebuild the base a PEFT adapter "
                           "applies to: fine-tune from registered weights")
-    base = _build_base(config, None).state_dict()
+    base = model_from_config(config).state_dict()
     own = {k: v.detach().cpu() for k, v in _base_view(model.state_dict()).items()}
     changed = {k.rpartition(".")[0] for k, v in own.items()
                if k not in base or base[k].shape != v.shape or not torch.equal(base[k], v)}
@@ -385,7 +386,7 @@ def _base_model(base: str | nn.Module | None, weights: str | None, meta: Mapping
                 plain: Mapping[str, torch.Tensor], folder: Path) -> tuple[nn.Module, dict]:
     """The base model the adapter applies to, and its zoo config (from the adapter's)."""
     from zoo.models.build import create_model, replace_head
-    from zoo.persist.checkpoint import _config_from_model, check_checkpoint_kwargs
+    from zoo.persist.config import check_checkpoint_kwargs, config_from_model
     from zoo.plugins.registry import get_backbone
 
     if isinstance(base, nn.Module):
@@ -421,7 +422,7 @@ def _base_model(base: str | nn.Module | None, weights: str | None, meta: Mapping
     if head is not None and head.dim() == 2 \
             and model.get_submodule(spec.head).weight.shape != head.shape:
         replace_head(model, spec.head, int(head.shape[0]))
-    config = _config_from_model(model)
+    config = config_from_model(model)
     if getattr(model, "zoo_config", None):
         config.update({k: v for k, v in model.zoo_config.items()
                        if k in ("class_names", "preprocessing", "builder_kwargs", "dataset")})

@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from zoo.core.errors import IncompatibleError, ZooError
+from zoo.core.errors import CheckpointError, IncompatibleError, WeightsError, ZooError
 from zoo.core.spec import Backbone, LayerGroup, Weights
 from zoo.plugins.registry import get_backbone
 
 if TYPE_CHECKING:
     from zoo.data.transforms import BatchTransform
-
-
-def get_submodule(model: nn.Module, path: str) -> nn.Module:
-    """The module at dotted ``path`` inside ``model``."""
-    return model.get_submodule(path)
+    from zoo.models.strategy import FreezeStrategy
 
 
 def replace_head(model: nn.Module, head: str, num_classes: int, *, force: bool = False
@@ -88,6 +84,19 @@ def create_model(
     return model
 
 
+def model_for_task(backbone: Backbone, num_classes: int,
+                   weights: str | os.PathLike[str] | Weights | None = None, *,
+                   keep_head: bool = False, **builder_kwargs: Any) -> nn.Module:
+    """``create_model`` for a new task, as training builds it: on pretrained weights the head
+    is always new, even one that already has ``num_classes`` outputs (the source task's
+    classifier would start confidently wrong: CIFAR-10 -> MNIST, digits 0-4 -> 5-9), unless
+    ``keep_head``."""
+    model = create_model(backbone, num_classes=num_classes, weights=weights, **builder_kwargs)
+    if model.zoo_weights is not None and not keep_head:
+        replace_head(model, backbone.head, num_classes, force=True)
+    return model
+
+
 def _build(backbone: Backbone, num_classes: int | None, kwargs: dict[str, Any]) -> nn.Module:
     if kwargs:
         from dataclasses import replace
@@ -137,6 +146,75 @@ def build_loaded(backbone: Backbone, num_classes: int | None, state: dict[str, t
     return model
 
 
+def model_from_config(config: Mapping[str, Any], strategy: FreezeStrategy | None = None, *,
+                      pretrained: bool = True, meta: bool = False,
+                      allow_untrusted_base: bool = False,
+                      fresh: set[str] | None = None) -> nn.Module:
+    """The model a checkpoint's config.json describes, before its own tensors are loaded.
+
+    Its backbone with ``builder_kwargs``, the base weights it was trained from (the exact
+    file, checked by sha256; skipped with ``pretrained=False``), a head of ``num_classes``,
+    then ``strategy.prepare`` (adapters). ``meta`` builds on the meta device: names and
+    shapes only, nothing fetched. Base weights that are not a registered tag of the backbone
+    are refused unless ``allow_untrusted_base``. ``fresh``, if given, receives the names of
+    the tensors that do not come from the weights (a new head, adapters): random at every
+    build, so a delta checkpoint must hold them.
+    """
+    spec = get_backbone(config["backbone"])
+    kwargs = dict(config.get("builder_kwargs") or {})
+    num_classes = config["num_classes"]
+    weights = config.get("weights") if pretrained else None
+    loaded: set[int] = set()
+    if meta:
+        with torch.device("meta"):
+            model = _build(spec, None if weights else num_classes, kwargs)
+    elif weights:
+        model = _base_model(spec, weights, kwargs, allow_untrusted_base)
+        loaded = {t.data_ptr() for t in model.state_dict().values() if t.numel()}
+    else:
+        model = create_model(spec, num_classes=num_classes, **kwargs)
+    if weights:
+        replace_head(model, spec.head, num_classes)
+    if strategy is not None:
+        model = strategy.prepare(model, spec.layer_groups(model))
+    if fresh is not None:
+        fresh.update(k for k, t in model.state_dict().items()
+                     if t.numel() and t.data_ptr() not in loaded)
+    return model
+
+
+def _base_model(spec: Backbone, weights: Mapping[str, Any], kwargs: dict[str, Any],
+                allow_untrusted_base: bool) -> nn.Module:
+    """The backbone with a config's base ``weights`` ({tag, sha256, source}) loaded, refused
+    unless they are the very file (sha256) the checkpoint was trained from."""
+    tag = weights.get("tag")
+    target = tag
+    if tag not in {w.tag for w in spec.weights}:
+        source = weights.get("source", "")
+        if not allow_untrusted_base:
+            raise CheckpointError(
+                f"the checkpoint's base weights ({source or tag!r}) are not a registered "
+                f"weights tag of {spec.name!r}; pass allow_untrusted_base=True only if "
+                "you trust where it points"
+            )
+        target = source.removeprefix("file:")
+    try:
+        model = create_model(spec, weights=target, **kwargs)
+    except WeightsError as exc:
+        raise CheckpointError(
+            f"cannot rebuild the base weights {tag!r} of {spec.name!r} that this delta "
+            f"checkpoint applies to: {exc}"
+        ) from exc
+    actual = (model.zoo_weights or {}).get("sha256")
+    if weights.get("sha256") and actual != weights["sha256"]:
+        raise CheckpointError(
+            f"base weights {tag!r} of {spec.name!r} have sha256 {actual[:12]}..., but the "
+            f"checkpoint was trained from {weights['sha256'][:12]}...; it needs the exact "
+            "base weights it was made from"
+        )
+    return model
+
+
 def layer_groups(name: str | Backbone) -> list[str]:
     """The backbone's layer-group names in order, input to output, ``head`` last."""
     backbone = get_backbone(name) if isinstance(name, str) else name
@@ -162,17 +240,6 @@ def assign_groups(model: nn.Module, groups: Sequence[LayerGroup],
     return owner
 
 
-def group_modules(model: nn.Module, groups: Sequence[LayerGroup]) -> dict[str, list[nn.Module]]:
-    """The modules of each group (a module belongs to the group owning its path)."""
-    result: dict[str, list[nn.Module]] = {g.name: [] for g in groups}
-    for path, module in model.named_modules():
-        for g in groups:
-            if path and g.owns(path):
-                result[g.name].append(module)
-                break
-    return result
-
-
 def transforms_for(name: str | Backbone, weights: str | Weights | None = "default", *,
                    augment: bool = False) -> BatchTransform:
     """The eval (or augmented train) transform matching the backbone's weights' preprocessing,
@@ -190,7 +257,8 @@ def preprocessing_for(name: str | Backbone, weights: str | Weights | None = "def
     plain = {"input_size": backbone.input_size, "mean": backbone.mean, "std": backbone.std}
     if weights is None or (weights == "default" and backbone.default_weights is None):
         return plain
-    from zoo.weights.load import registered_for_path, weights_spec
+    from zoo.weights.cache import registered_for_path
+    from zoo.weights.load import weights_spec
 
     if isinstance(weights, str | os.PathLike) and Path(weights).suffix:
         # A file: the preprocessing of the registered weights it holds (by sha256), if any.
@@ -207,15 +275,3 @@ def preprocessing_for(name: str | Backbone, weights: str | Weights | None = "def
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements (only those with ``requires_grad`` if asked)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def state_sha256(state: dict[str, torch.Tensor]) -> str:
-    """A sha256 over a state dict's names, dtypes, shapes and bytes (order-independent)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach().cpu().contiguous()
-        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()

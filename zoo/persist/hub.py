@@ -20,6 +20,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zoo.core.errors import CheckpointError, HubError, ZooError
+from zoo.persist.config import base_is_registered
+from zoo.persist.folder import (
+    CARD_FILE,
+    CHECKPOINT_FILES,
+    CONFIG_FILE,
+    MODEL_FILE,
+    open_checkpoint,
+    read_config,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -51,13 +60,11 @@ def _open_checkpoint(directory: Path, stack: contextlib.ExitStack) -> tuple[dict
                                                                          dict[str, Any]]:
     """Open the checkpoint's files and validate them; return (config, name -> open file).
 
-    Files are opened once, together (``zoo.persist.checkpoint.open_checkpoint``), and uploaded from
+    Files are opened once, together (``zoo.persist.folder.open_checkpoint``), and uploaded from
     these handles, so a save that replaces them meanwhile cannot mix an old config with new
     weights. Only the checkpoint files config.json lists go up, and never through a symbolic
     link out of the folder (a ``history.json`` linked to a credentials file is refused).
     """
-    from zoo.persist.checkpoint import CHECKPOINT_FILES, CONFIG_FILE, MODEL_FILE, open_checkpoint
-
     config, handles = stack.enter_context(open_checkpoint(directory, CHECKPOINT_FILES))
     if not (config.get("files") or {}).get(MODEL_FILE):
         raise CheckpointError(f"{directory / CONFIG_FILE} records no sha256 for {MODEL_FILE}: "
@@ -67,8 +74,6 @@ def _open_checkpoint(directory: Path, stack: contextlib.ExitStack) -> tuple[dict
 
 def _check_shareable(config: dict[str, Any], directory: Path) -> None:
     """Refuse a delta whose base only exists on this machine: nobody could rebuild it."""
-    from zoo.persist.checkpoint import base_is_registered
-
     if config["kind"] != "delta":
         return
     with contextlib.suppress(ZooError):  # an unknown backbone cannot be rebuilt either
@@ -104,8 +109,6 @@ def push_to_hub(
     push can simply be retried. ``create_pr`` opens a pull request instead of committing.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
-
-    from zoo.persist.checkpoint import CARD_FILE
 
     directory = Path(checkpoint_dir).expanduser()
     repo, revision = _split_repo(repo_id, revision)
@@ -178,8 +181,6 @@ def _snapshot_files(folder: Path, cache: Path, where: str,
                     reported: dict[str, tuple[str, str]] | None) -> list[str]:
     """The checkpoint files in a downloaded snapshot, checked to lie inside the cache and to be
     the ones the Hub lists."""
-    from zoo.persist.checkpoint import CHECKPOINT_FILES, CONFIG_FILE, MODEL_FILE
-
     if not _COMMIT.fullmatch(folder.name):
         raise CheckpointError(f"the Hub answered an unexpected commit id for {where}")
     present = [n for n in CHECKPOINT_FILES if (folder / n).is_file()]
@@ -213,8 +214,6 @@ def pull_from_hub(
     a previously pulled checkpoint is served from the cache without any request.
     """
     from huggingface_hub import snapshot_download
-
-    from zoo.persist.checkpoint import CHECKPOINT_FILES, CONFIG_FILE, MODEL_FILE, read_config
 
     repo, revision = _split_repo(repo_id, revision)
     token = _token(token)
