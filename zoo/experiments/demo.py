@@ -39,7 +39,7 @@ def run_demo(output_dir: str | os.PathLike[str] = "demo-report", *,
     """
     from zoo.data.dataset import load_data
     from zoo.plugins.registry import get_backbone
-    from zoo.weights.load import cached_path
+    from zoo.weights.sources import cached_path
 
     config = QUICK_SETTINGS if quick else DEMO_SETTINGS
     strategies: dict[str, Sequence[str]] = {DEMO_BACKBONE: DEMO_STRATEGIES}
