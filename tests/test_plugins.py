@@ -1,8 +1,11 @@
-"""The plugin layer: how backbones and strategies get into the registry, and how it fails."""
+"""The plugin layer: how backbones, strategies and datasets get into the registry, and how
+it fails."""
 
 from __future__ import annotations
 
+import gc
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -74,10 +77,153 @@ def test_a_misspelled_hook_fails_loudly_naming_it() -> None:
         zoo.list_backbones()
 
 
-def test_a_duplicate_name_is_refused_naming_both_plugins() -> None:
-    with registered(AddsBackbone("resnet18"), "impostor"), \
-            pytest.raises(zoo.DuplicateNameError, match="'zoo_resnet'.*'impostor'"):
+class Registers:
+    """A plugin registering the given specs through the hook that takes their kind."""
+
+    def __init__(self, *specs: object) -> None:
+        self.specs = specs
+
+    def _each(self, kind: type, register) -> None:
+        for spec in self.specs:
+            if isinstance(spec, kind):
+                register(spec)
+
+    @zoo.hookimpl
+    def register_backbones(self, register) -> None:
+        self._each(zoo.Backbone | zoo.BackboneFamily, register)
+
+    @zoo.hookimpl
+    def register_strategies(self, register) -> None:
+        self._each(zoo.Strategy, register)
+
+    @zoo.hookimpl
+    def register_datasets(self, register) -> None:
+        self._each(zoo.DatasetSpec, register)
+
+
+@pytest.mark.parametrize(("spec", "kind", "name", "owner"), [
+    (tiny_backbone("resnet18"), "backbone", "resnet18", "zoo_resnet"),
+    (tiny_backbone("resnet20"), "backbone", "resnet20", "zoo_cifar_resnet"),  # an alias
+    (zoo.BackboneFamily("timm/", resolve=lambda n: None, list_names=list),
+     "backbone", "timm/*", "zoo_timm"),
+    (zoo.Strategy("full", factory=object), "strategy", "full", "zoo_strategies"),
+    (zoo.DatasetSpec("digits", loader=list), "dataset", "digits", "zoo_datasets"),
+])
+def test_a_duplicate_name_is_refused_naming_both_plugins(spec, kind, name, owner) -> None:
+    expected = (f"{kind} name '{name}' is registered by both plugin '{owner}' and plugin "
+                "'impostor'; block one of them in registry.toml or via ZOO_LOAD_PLUGINS")
+    with registered(Registers(spec), "impostor"), \
+            pytest.raises(zoo.DuplicateNameError) as info:
         zoo.list_backbones()
+    assert str(info.value) == expected
+
+
+def test_a_family_member_looked_up_by_name_is_not_listed() -> None:
+    resolved: list[str] = []
+
+    def resolve(name: str) -> zoo.Backbone:
+        resolved.append(name)
+        return tiny_backbone(name)
+
+    family = zoo.BackboneFamily("toy/", resolve=resolve, list_names=lambda: ["a", "b", "c"],
+                                featured=("toy/a",))
+    with registered(Registers(family), "toys"):
+        listed = zoo.list_backbones()
+        assert "toy/a" in listed and "toy/b" not in listed
+        assert zoo.get_backbone("toy/b").plugin == "toys"
+        assert zoo.get_backbone("toy/b") is zoo.get_backbone("toy/b")  # resolved once, kept
+        assert resolved == ["toy/b"]
+        assert zoo.list_backbones() == listed
+        assert zoo.list_backbones("toy/*") == ["toy/a", "toy/b", "toy/c"]  # asked for by prefix
+
+
+def test_the_registry_follows_a_plugin_replaced_at_the_same_address() -> None:
+    first = AddsBackbone("first_net")
+    with registered(first, "reused"):
+        assert zoo.list_backbones("*_net") == ["first_net"]
+    address = id(first)
+    del first
+    gc.collect()
+    spare = []  # keep the misses alive, so each new object takes another free block
+    second = AddsBackbone("second_net")
+    while id(second) != address and len(spare) < 1000:
+        spare.append(second)
+        second = AddsBackbone("second_net")
+    assert id(second) == address  # the case a registry keyed on id() gets wrong
+    with registered(second, "reused"):
+        assert zoo.list_backbones("*_net") == ["second_net"]
+    assert zoo.list_backbones("*_net") == []
+
+
+# -- datasets: a plugin's dataset loads by name wherever a built-in one does
+
+
+def stripes(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Horizontal (class 0) or vertical (class 1) stripes, 8x8 grey: 10 a class to train on,
+    4 a class to validate on."""
+    n = 10 if split == "train" else 4
+    lines = torch.zeros(8, 8, dtype=torch.uint8)
+    lines[::2] = 255
+    noise = torch.randint(0, 40, (2 * n, 8, 8), generator=torch.Generator().manual_seed(n))
+    images = torch.stack([lines] * n + [lines.T] * n) - noise.to(torch.uint8) * (lines > 0)
+    return images[:, None], torch.tensor([0] * n + [1] * n)
+
+
+STRIPES = zoo.DatasetSpec("stripes", stripes, "horizontal or vertical stripes", num_classes=2,
+                          image_size=(8, 8), channels=1, train_size=20, val_size=8,
+                          classes=("horizontal", "vertical"))
+
+
+def datasets_rows(capsys) -> dict[str, list[str]]:
+    """``zoo datasets``'s table, one row of cells per dataset name."""
+    assert main(["datasets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    return {line.split()[0]: line.split() for line in lines[1:] if line.strip()}
+
+
+def test_a_dataset_plugin_is_listed_and_loads_by_name(capsys) -> None:
+    with registered(Registers(STRIPES), "stripes_plugin"):
+        assert [d.name for d in zoo.list_datasets()] == ["digits", "mnist5k", "stripes"]
+        assert zoo.get_dataset("stripes").plugin == "stripes_plugin"
+        assert datasets_rows(capsys)["stripes"][:6] == ["stripes", "2", "1x8x8", "20", "8",
+                                                        "horizontal"]
+        train, val = zoo.load_data("stripes"), zoo.load_data("stripes", "val")
+        assert (train.name, train.split, len(train)) == ("stripes", "train", 20)
+        assert (val.name, val.split, len(val)) == ("stripes", "val", 8)
+        assert train.classes == ["horizontal", "vertical"]
+        assert zoo.load_data("stripes", "test").fingerprint() == val.fingerprint()  # no test
+        assert len(zoo.load_data("stripes", classes=["vertical"], limit_per_class=3)) == 3
+    assert "stripes" not in [d.name for d in zoo.list_datasets()]
+    with pytest.raises(zoo.UnknownNameError):
+        zoo.load_data("stripes")
+
+
+def test_a_dataset_plugin_trains_through_finetune_and_compare(tiny, tmp_path: Path) -> None:
+    common = ["--data", "stripes", "--epochs", "1", "--weights", "none", "--quiet"]
+    with registered(Registers(STRIPES), "stripes_plugin"):
+        assert main(["finetune", "--backbone", "tiny_cnn", "--strategy", "full", *common,
+                     "--out", str(tmp_path / "run")]) == 0
+        assert main(["compare", "--backbones", "tiny_cnn", "--strategies", "linear_probe",
+                     *common, "--out", str(tmp_path / "sweep")]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["dataset"] == "stripes"
+    records = json.loads((tmp_path / "sweep" / "results.json").read_text())["records"]
+    assert {r["strategy"] for r in records} == {"linear_probe", "scratch"}
+
+
+def test_a_dataset_loader_named_as_a_string_is_imported_only_when_loaded(capsys) -> None:
+    later = zoo.DatasetSpec("later", "zoo_no_such_module:load", "loaded on demand")
+    with registered(Registers(later), "lazy_plugin"):
+        assert datasets_rows(capsys)["later"] == ["later", "?", "?x?x?", "?", "?", "loaded",
+                                                  "on", "demand"]
+        with pytest.raises(zoo.PluginError, match="plugin 'lazy_plugin' failed to load "
+                                                  "dataset 'later': ModuleNotFoundError"):
+            zoo.load_data("later")
+
+
+@pytest.mark.parametrize("name", ["a/b", "hf:mnist", "./digits", "~data", ""])
+def test_a_dataset_name_that_reads_as_a_path_is_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="would be read as a path"):
+        zoo.DatasetSpec(name, loader=stripes)
 
 
 def test_an_unknown_name_suggests_the_closest() -> None:
@@ -191,7 +337,7 @@ def test_a_plugin_that_fails_to_import_says_how_to_disable_it(tmp_path: Path) ->
 
 
 def test_listing_imports_neither_torch_nor_timm() -> None:
-    code = ("import sys, zoo; zoo.list_backbones(); zoo.list_strategies(); "
+    code = ("import sys, zoo; zoo.list_backbones(); zoo.list_strategies(); zoo.list_datasets(); "
             "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60).stdout
@@ -228,7 +374,8 @@ def hook_names() -> list[str]:
 
 def test_every_hook_is_documented_in_the_readme_with_its_signature() -> None:
     readme = (ROOT / "README.md").read_text()
-    assert hook_names() == ["register_backbones", "register_strategies", "register_loggers"]
+    assert hook_names() == ["register_backbones", "register_strategies", "register_datasets",
+                            "register_loggers"]
     for name in hook_names():
         signature = f"{name}{inspect.signature(getattr(hookspecs, name))}"
         signature = signature.replace("'", "")

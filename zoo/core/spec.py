@@ -272,3 +272,56 @@ class BackboneFamily:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "featured", tuple(self.featured))
+
+
+DATASET_SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered dataset: its name, what ``zoo datasets`` shows, and how to load a split.
+
+    ``loader(split)`` (a callable or a ``"module:function"`` reference, imported only when
+    the data is loaded) is called with one of ``splits`` and returns an ``(images, labels)``
+    pair of tensors (N x C x H x W uint8 or float in [0, 1], int labels) or anything else
+    ``zoo.load_data`` accepts (an ImageFolder path, a torch Dataset, ...). A ``"test"``
+    request of a dataset without a test split gets its val split. ``classes`` names the
+    labels 0..K-1 (default ``"0"``..``"K-1"``). The sizes are shown before loading and may
+    be None when unknown.
+    """
+
+    name: str
+    loader: Callable[[str], Any] | str
+    description: str = ""
+    num_classes: int | None = None
+    image_size: tuple[int, int] | None = None
+    channels: int | None = None
+    train_size: int | None = None
+    val_size: int | None = None
+    splits: tuple[str, ...] = ("train", "val")
+    classes: tuple[str, ...] | None = None
+    aliases: tuple[str, ...] = ()
+    plugin: str = ""
+
+    def __post_init__(self) -> None:
+        for attribute in ("splits", "aliases", "classes", "image_size"):
+            value = getattr(self, attribute)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, attribute, tuple(value))
+        for name in (self.name, *self.aliases):
+            if not name or "/" in name or "\\" in name or name.startswith(("hf:", ".", "~")):
+                raise ValueError(f"dataset name {name!r} would be read as a path; use a plain "
+                                 "name such as 'mnist5k'")
+        if not {"train", "val"} <= set(self.splits) <= set(DATASET_SPLITS):
+            raise ValueError(f"dataset {self.name!r}: splits {self.splits} must be 'train', "
+                             "'val' and optionally 'test'")
+        if self.classes is not None and self.num_classes is not None \
+                and len(self.classes) != self.num_classes:
+            raise ValueError(f"dataset {self.name!r}: {len(self.classes)} class names for "
+                             f"{self.num_classes} classes")
+
+    def split_for(self, split: str) -> str:
+        """The split loaded for a request of ``split``: "test" falls back to "val"."""
+        if split == "test" and "test" not in self.splits:
+            return "val"
+        return split

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from zoo.core.spec import Backbone, BackboneFamily, Strategy
+    from zoo.core.spec import Backbone, BackboneFamily, DatasetSpec, Strategy
 
 hookspec = pluggy.HookspecMarker("zoo")
 hookimpl = pluggy.HookimplMarker("zoo")
@@ -33,6 +33,15 @@ def register_strategies(register: Callable[[Strategy], None]) -> None:
     """Register freeze strategies (ways of choosing which layer groups learn, and how fast).
 
     :param register: call it once per ``zoo.Strategy``.
+    """
+
+
+@hookspec
+def register_datasets(register: Callable[[DatasetSpec], None]) -> None:
+    """Register datasets that ``zoo.load_data(name)`` and ``--data NAME`` load by name.
+
+    :param register: call it once per ``zoo.DatasetSpec``; its loader is only called (and
+        its module only imported) when the dataset is loaded.
     """
 
 

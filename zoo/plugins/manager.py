@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import itertools
 import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pluggy
 
@@ -116,13 +118,35 @@ def _load_builtins(pm: pluggy.PluginManager, config: RegistryConfig) -> None:
         pm.register(module, name=module_name)
 
 
+# Every change to any plugin manager takes the next number, so a generation seen once is
+# never seen again, not even from a manager made after ``reset()``.
+_generations = itertools.count(1)
+
+
 class PluginManager(pluggy.PluginManager):
-    """pluggy's manager plus the notes collected while loading (shown by ``zoo plugins``)."""
+    """pluggy's manager plus the notes collected while loading (shown by ``zoo plugins``) and
+    a ``generation`` that changes whenever a plugin is registered or unregistered, so caches
+    built from the plugins (the registry) know when they are stale."""
 
     def __init__(self) -> None:
         super().__init__("zoo")
         self.notes: list[str] = []
         self.config: RegistryConfig | None = None
+        self.generation = next(_generations)
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        """Register ``plugin`` (see pluggy) and start a new generation."""
+        try:
+            return super().register(plugin, name)
+        finally:
+            self.generation = next(_generations)
+
+    def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
+        """Unregister ``plugin`` or the plugin called ``name`` and start a new generation."""
+        try:
+            return super().unregister(plugin, name)
+        finally:
+            self.generation = next(_generations)
 
 
 _pm: PluginManager | None = None
