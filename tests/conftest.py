@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,8 @@ import zoo
 from zoo.core._io import file_sha256
 from zoo.plugins.manager import get_plugin_manager
 
-# Plugin objects stay referenced for the whole session: the registry cache is keyed by the
-# ids of the registered plugins, and a freed object's id may be reused by the next one.
-_PLUGINS: list[Any] = []
+# Each registered plugin object gets its own name (pluggy refuses a name twice).
+_PLUGIN_NUMBERS = itertools.count(1)
 
 
 @pytest.fixture(autouse=True)
@@ -116,8 +117,7 @@ def registered(*backbones: zoo.Backbone) -> Iterator[tuple[zoo.Backbone, ...]]:
     """Register ``backbones`` through a plugin object for the duration of the block."""
     pm = get_plugin_manager()
     plugin = BackbonePlugin(*backbones)
-    _PLUGINS.append(plugin)
-    pm.register(plugin, name=f"test-backbones-{len(_PLUGINS)}")
+    pm.register(plugin, name=f"test-backbones-{next(_PLUGIN_NUMBERS)}")
     try:
         yield backbones
     finally:
@@ -219,3 +219,22 @@ def quick_finetune(backbone: str, strategy: str, train: Any, val: Any = None,
                                    image_size=16)
     options.update(kwargs)
     return zoo.finetune(backbone, strategy, train, val, **options)
+
+
+# --------------------------------------------------------------------------- terminal summary
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """After a run that included test_reliability.py, say how many malformed inputs its
+    tests tried and how many faults they injected (its ``COUNTS``)."""
+    reliability = Path(__file__).with_name("test_reliability.py")
+    module = next((m for m in list(sys.modules.values())
+                   if getattr(m, "__file__", None) == str(reliability)), None)
+    ran = any(getattr(report, "when", None) == "call"
+              and report.nodeid.split("::")[0].endswith(reliability.name)
+              for reports in terminalreporter.stats.values() for report in reports)
+    if module is not None and ran:
+        counts = module.COUNTS
+        terminalreporter.write_line(
+            f"reliability: {counts['malformed inputs']} malformed inputs tried, "
+            f"{counts['faults injected']} faults injected")

@@ -1,6 +1,7 @@
 """Reliability and security (issue 8): fuzzing, a corpus of malformed inputs, injected faults
 (kill -9 during save and during training, a failing Hub server) and secrets that must never
-leak. Counts of malformed inputs and faults are printed by the last test (run with ``-s``).
+leak. Counts of malformed inputs and faults are printed in pytest's terminal summary
+(``pytest_terminal_summary`` in conftest.py).
 """
 
 from __future__ import annotations
@@ -781,11 +782,3 @@ def test_tokens_never_leak(checkpoint: Path, tmp_path: Path, zoo_home: Path,
     assert len(texts) > 5
     for secret in (TOKEN, WRONG):
         assert not any(secret in text for text in texts), secret
-
-
-# --------------------------------------------------------------------------- summary
-
-
-def test_zz_summary() -> None:
-    print(f"\nreliability: {COUNTS['malformed inputs']} malformed inputs tried, "
-          f"{COUNTS['faults injected']} faults injected")
