@@ -4,7 +4,6 @@ sizes for tables, and loading a model from a checkpoint folder or a Hub repo."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from zoo.core.errors import ZooError
@@ -42,10 +41,6 @@ def size_text(num_bytes: int | None) -> str:
 def load_model(target: str) -> Any:
     """The model in a checkpoint folder, or in a Hub repo (``hf-hub:REPO``, or ``NAMESPACE/NAME``
     when no such folder exists)."""
-    if target.startswith("hf-hub:") or (not Path(target).exists() and target.count("/") == 1):
-        from zoo.persist.hub import from_pretrained
+    from zoo.persist.hub import from_pretrained
 
-        return from_pretrained(target)
-    from zoo.persist.checkpoint import load_checkpoint
-
-    return load_checkpoint(target)
+    return from_pretrained(target)

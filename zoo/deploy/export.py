@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from zoo.core.errors import ZooError
+from zoo.weights._hf import HUB_PREFIX
 
 FORMATS = ("onnx", "torchscript", "peft")
 METADATA_FILE = "zoo.json"  # the TorchScript extra file holding the metadata
@@ -72,16 +73,13 @@ def _as_model(target: nn.Module | str | os.PathLike[str]) -> nn.Module:
     """The model itself, or the one a checkpoint folder (or ``hf-hub:`` repo) holds."""
     if isinstance(target, nn.Module):
         return target
-    if isinstance(target, str) and target.startswith("hf-hub:"):
-        from zoo.persist.hub import from_pretrained
-
-        return from_pretrained(target)
-    if not isinstance(target, str | os.PathLike) or not Path(target).is_dir():
+    hub = isinstance(target, str) and target.startswith(HUB_PREFIX)
+    if not hub and (not isinstance(target, str | os.PathLike) or not Path(target).is_dir()):
         raise ExportError(f"{str(target)[:200]!r} is neither a model nor a checkpoint folder: "
                           "pass an nn.Module built by zoo or a checkpoint directory")
-    from zoo.persist.checkpoint import load_checkpoint
+    from zoo.persist.hub import from_pretrained
 
-    return load_checkpoint(target)
+    return from_pretrained(target)
 
 
 def export_metadata(model: nn.Module) -> dict[str, Any]:

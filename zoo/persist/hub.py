@@ -29,13 +29,7 @@ from zoo.persist.folder import (
     open_checkpoint,
     read_config,
 )
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
 from zoo.weights._hf import (
-    _COMMIT,
     _REPO_ID,
     CARD_REPO_PLACEHOLDER,
     HUB_PREFIX,
@@ -45,15 +39,18 @@ from zoo.weights._hf import (
     _discard,
     _hub_errors,
     _network_errors,
-    _printable,
     _redact,
     _remember_revision,
     _split_repo,
     _token,
-    _unsafe_name,
     _verify,
     _without_chain,
 )
+from zoo.weights._hub_answers import COMMIT, printable, unsafe_name
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def _open_checkpoint(directory: Path, stack: contextlib.ExitStack) -> tuple[dict[str, Any],
@@ -132,15 +129,15 @@ def push_to_hub(
                           for name, content in contents.items()]
             info = api.create_commit(repo, operations, commit_message=message,
                                      revision=revision, create_pr=create_pr)
-    return _printable(_redact(str(info.commit_url)))  # the server's text, shown to the user
+    return printable(_redact(str(info.commit_url)))  # the server's text, shown to the user
 
 
 # --------------------------------------------------------------------------- pull
 
 
 def _safe_name(path: str) -> str:
-    """A repo path that stays inside the snapshot folder (see ``_unsafe_name``)."""
-    if _unsafe_name(path):
+    """A repo path that stays inside the snapshot folder (see ``unsafe_name``)."""
+    if unsafe_name(path):
         raise CheckpointError(f"the Hub answered an unsafe file path {path!r}: refusing it")
     return path
 
@@ -161,7 +158,7 @@ def _listing(repo: str, revision: str | None, endpoint: str | None, token: str |
     api = HfApi(endpoint=endpoint, token=token)
     try:
         commit = api.repo_info(repo, revision=revision).sha
-        if not _COMMIT.fullmatch(str(commit)):  # also checked by _check_answer
+        if not COMMIT.fullmatch(str(commit)):  # also checked by check_answer
             raise CheckpointError(f"the Hub answered an unsafe commit id for {repo}: refusing it")
         entries = list(api.list_repo_tree(repo, revision=commit, recursive=True))
     except hf.HfHubHTTPError:
@@ -181,7 +178,7 @@ def _snapshot_files(folder: Path, cache: Path, where: str,
                     reported: dict[str, tuple[str, str]] | None) -> list[str]:
     """The checkpoint files in a downloaded snapshot, checked to lie inside the cache and to be
     the ones the Hub lists."""
-    if not _COMMIT.fullmatch(folder.name):
+    if not COMMIT.fullmatch(folder.name):
         raise CheckpointError(f"the Hub answered an unexpected commit id for {where}")
     present = [n for n in CHECKPOINT_FILES if (folder / n).is_file()]
     for name in present:

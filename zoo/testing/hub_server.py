@@ -66,7 +66,7 @@ _HOST_RE = re.compile(r"[A-Za-z0-9.\-\[\]:]+")
 _CHUNK = 1024 * 1024
 
 
-class HubError(Exception):
+class ErrorAnswer(Exception):
     """An error answered to the client: HTTP status, optional ``X-Error-Code`` and a message."""
 
     def __init__(
@@ -113,14 +113,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def _check_name(name: str, what: str) -> str:
     """Reject names that are not Hub-like (this also rules out path traversal)."""
     if not _NAME_RE.fullmatch(name) or ".." in name or name.endswith(".git"):
-        raise HubError(400, f"invalid {what} {name!r}")
+        raise ErrorAnswer(400, f"invalid {what} {name!r}")
     return name
 
 
 def _check_path(path: str) -> str:
     """Reject file paths with empty, '.' or '..' segments."""
     if not path or any(part in ("", ".", "..") for part in path.split("/")) or "\\" in path:
-        raise HubError(400, f"invalid file path {path!r}")
+        raise ErrorAnswer(400, f"invalid file path {path!r}")
     return path
 
 
@@ -198,7 +198,7 @@ class _Store:
                 f.flush()
                 os.fsync(f.fileno())
             if digest.hexdigest() != sha256 or written != size:
-                raise HubError(400, "uploaded content does not match the announced oid and size")
+                raise ErrorAnswer(400, "uploaded content does not match the announced oid and size")
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
@@ -286,12 +286,12 @@ class _Store:
         return None
 
 
-def _revision_not_found(rev: str) -> HubError:
-    return HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+def _revision_not_found(rev: str) -> ErrorAnswer:
+    return ErrorAnswer(404, f"Invalid rev id: {rev}", "RevisionNotFound")
 
 
-def _entry_not_found(path: str, commit: str) -> HubError:
-    return HubError(404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": commit})
+def _entry_not_found(path: str, commit: str) -> ErrorAnswer:
+    return ErrorAnswer(404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": commit})
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -350,11 +350,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.segments = url.path.split("/")[1:]
         try:
             self._route(method)
-        except HubError as err:
+        except ErrorAnswer as err:
             self._send_error(err)
         except Exception as err:  # a bug: report it without 5xx, which the client would retry
             traceback.print_exc()
-            self._send_error(HubError(400, f"server error: {type(err).__name__}"))
+            self._send_error(ErrorAnswer(400, f"server error: {type(err).__name__}"))
 
     def _send(
         self,
@@ -378,7 +378,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.dumps(data).encode()
         self._send(status, body, content_type or "application/json; charset=utf-8")
 
-    def _send_error(self, err: HubError) -> None:
+    def _send_error(self, err: ErrorAnswer) -> None:
         message = err.message.encode("ascii", "backslashreplace").decode().replace("\n", " ")
         headers = {"X-Error-Message": message, **err.headers}
         if err.code:
@@ -404,7 +404,7 @@ class _Handler(BaseHTTPRequestHandler):
         while size > 0:
             data = self.rfile.read(min(size, _CHUNK))
             if not data:
-                raise HubError(400, "request body ended early")
+                raise ErrorAnswer(400, "request body ended early")
             size -= len(data)
             yield data
 
@@ -416,9 +416,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             data = json.loads(body or b"{}")
         except ValueError:
-            raise HubError(400, "request body is not valid JSON") from None
+            raise ErrorAnswer(400, "request body is not valid JSON") from None
         if not isinstance(data, dict):
-            raise HubError(400, "request body must be a JSON object")
+            raise ErrorAnswer(400, "request body must be a JSON object")
         return data
 
     def _base_url(self) -> str:
@@ -446,11 +446,11 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         if hmac.compare_digest(header.encode(), f"Bearer {token}".encode()):
             return True
-        raise HubError(401, INVALID_CREDENTIALS)
+        raise ErrorAnswer(401, INVALID_CREDENTIALS)
 
     def _require_write(self) -> None:
         if not self._authorized():
-            raise HubError(401, "You must be authenticated with a token to do this")
+            raise ErrorAnswer(401, "You must be authenticated with a token to do this")
 
     def _read_repo(self, repo_type: str, repo_id: str) -> dict:
         """The repo if the caller may read it; private repos look exactly like missing ones."""
@@ -458,14 +458,14 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self.server.hub.store.load(repo_type, repo_id)
         if repo is None or (repo["private"] and not authorized):
             status = 404 if self.headers.get("Authorization") else 401
-            raise HubError(status, "Repository not found", "RepoNotFound")
+            raise ErrorAnswer(status, "Repository not found", "RepoNotFound")
         return repo
 
     def _write_repo(self, repo_type: str, repo_id: str) -> dict:
         self._require_write()
         repo = self.server.hub.store.load(repo_type, repo_id)
         if repo is None:
-            raise HubError(404, "Repository not found", "RepoNotFound")
+            raise ErrorAnswer(404, "Repository not found", "RepoNotFound")
         return repo
 
     # --- routing -----------------------------------------------------------------------------
@@ -491,7 +491,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif rest[0] == "resolve" and len(rest) >= 3 and method in ("GET", "HEAD"):
                 repo_id = f"{_check_name(namespace, 'namespace')}/{_check_name(name, 'name')}"
                 return self._resolve(repo_type, repo_id, rest[1:])
-        raise HubError(404, f"unsupported: {method} {urlsplit(self.path).path}")
+        raise ErrorAnswer(404, f"unsupported: {method} {urlsplit(self.path).path}")
 
     def _route_api(self, method: str, seg: list[str]) -> None:
         route = (method, "/".join(seg))
@@ -528,18 +528,18 @@ class _Handler(BaseHTTPRequestHandler):
             if (method, action) in handlers:
                 return handlers[(method, action)]()
             if action.startswith("xet-"):
-                raise HubError(
+                raise ErrorAnswer(
                     400,
                     "this server does not speak xet: set HF_HUB_DISABLE_XET=1 in the client "
                     "or run the server with upload_mode='regular'",
                 )
-        raise HubError(404, f"unsupported: {method} /api/{'/'.join(seg)}")
+        raise ErrorAnswer(404, f"unsupported: {method} /api/{'/'.join(seg)}")
 
     # --- account and repos -------------------------------------------------------------------
 
     def _whoami(self) -> None:
         if not self._authorized():
-            raise HubError(401, "You must be authenticated with a token to do this")
+            raise ErrorAnswer(401, "You must be authenticated with a token to do this")
         name = self.server.hub.username
         self._send_json(
             {
@@ -558,11 +558,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _repo_from_body(self, body: dict) -> tuple[str, str]:
         repo_type = body.get("type") or "model"
         if repo_type not in URL_PREFIXES:
-            raise HubError(400, f"unsupported repo type {repo_type!r}")
+            raise ErrorAnswer(400, f"unsupported repo type {repo_type!r}")
         namespace = body.get("organization") or self.server.hub.username
         name = body.get("name")
         if not isinstance(name, str) or not isinstance(namespace, str):
-            raise HubError(400, "name and organization must be strings")
+            raise ErrorAnswer(400, "name and organization must be strings")
         return repo_type, f"{_check_name(namespace, 'namespace')}/{_check_name(name, 'name')}"
 
     def _create_repo(self) -> None:
@@ -583,7 +583,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._require_write()
         repo_type, repo_id = self._repo_from_body(body)
         if not self.server.hub.store.delete(repo_type, repo_id):
-            raise HubError(404, "Repository not found", "RepoNotFound")
+            raise ErrorAnswer(404, "Repository not found", "RepoNotFound")
         self._send_json({})
 
     def _settings(self, repo_type: str, repo_id: str) -> None:
@@ -660,7 +660,7 @@ class _Handler(BaseHTTPRequestHandler):
         for item in body.get("files", []):
             path, size = item.get("path"), item.get("size")
             if not isinstance(path, str) or not isinstance(size, int):
-                raise HubError(400, "each file needs a path and a size")
+                raise ErrorAnswer(400, "each file needs a path and a size")
             mode = self._upload_mode(path, size)
             info: dict[str, Any] = {"path": path, "uploadMode": mode, "shouldIgnore": False}
             if path in stored:
@@ -674,14 +674,14 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._json_body()
         self._write_repo(repo_type, repo_id)
         if body.get("operation") != "upload":
-            raise HubError(400, "only the 'upload' LFS operation is supported")
+            raise ErrorAnswer(400, "only the 'upload' LFS operation is supported")
         hub, base = self.server.hub, self._base_url()
         prefix = f"{base}/{URL_PREFIXES[repo_type]}{repo_id}.git"
         objects = []
         for obj in body.get("objects", []):
             oid, size = obj.get("oid"), obj.get("size")
             if not _SHA256_RE.fullmatch(str(oid)) or not isinstance(size, int):
-                raise HubError(400, "each LFS object needs a sha256 oid and an int size")
+                raise ErrorAnswer(400, "each LFS object needs a sha256 oid and an int size")
             if hub.store.has_blob(oid, size):
                 objects.append({"oid": oid, "size": size})  # no actions: already stored
                 continue
@@ -705,7 +705,7 @@ class _Handler(BaseHTTPRequestHandler):
         sig = self.query.get("sig", [""])[0]
         target = self.server.hub._signed(sig)
         if target is None or target[:3] != (repo_type, repo_id, oid):
-            raise HubError(403, "invalid or expired upload signature")
+            raise ErrorAnswer(403, "invalid or expired upload signature")
         return target
 
     def _lfs_upload(self, repo_type: str, repo_id: str, oid: str) -> None:
@@ -717,7 +717,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._body()
         _, _, _, size = self._signed_object(repo_type, repo_id, oid)
         if not self.server.hub.store.has_blob(oid, size):
-            raise HubError(400, f"LFS object {oid} was not uploaded")
+            raise ErrorAnswer(400, f"LFS object {oid} was not uploaded")
         self.server.hub._forget_upload(self.query["sig"][0])
         self._send_json({"success": True})
 
@@ -736,16 +736,16 @@ class _Handler(BaseHTTPRequestHandler):
                 item = json.loads(line)
                 key, value = item["key"], item["value"]
             except (ValueError, KeyError, TypeError):
-                raise HubError(400, "malformed NDJSON commit line") from None
+                raise ErrorAnswer(400, "malformed NDJSON commit line") from None
             if key == "header":
                 header = value
             elif key == "file":
                 if value.get("encoding", "base64") != "base64":
-                    raise HubError(400, "only base64 file content is supported")
+                    raise ErrorAnswer(400, "only base64 file content is supported")
                 try:
                     data = base64.b64decode(value["content"], validate=True)
                 except (binascii.Error, KeyError, TypeError):
-                    raise HubError(400, "invalid base64 file content") from None
+                    raise ErrorAnswer(400, "invalid base64 file content") from None
                 entry = {
                     "sha256": store.put_bytes(data),
                     "git_sha1": git_blob_sha1(data),
@@ -756,9 +756,9 @@ class _Handler(BaseHTTPRequestHandler):
             elif key == "lfsFile":
                 oid, size = value.get("oid"), value.get("size")
                 if value.get("algo", "sha256") != "sha256" or not _SHA256_RE.fullmatch(str(oid)):
-                    raise HubError(400, "lfsFile needs a sha256 oid")
+                    raise ErrorAnswer(400, "lfsFile needs a sha256 oid")
                 if not store.has_blob(oid, size):
-                    raise HubError(400, f"LFS object {oid} was not uploaded")
+                    raise ErrorAnswer(400, f"LFS object {oid} was not uploaded")
                 if size is None:
                     size = store.blob_path(oid).stat().st_size
                 # git_sha1 lets a later regular-mode preupload recognise an unchanged file.
@@ -768,9 +768,9 @@ class _Handler(BaseHTTPRequestHandler):
             elif key in ("deletedFile", "deletedFolder"):
                 ops.append((key, _check_path(str(value.get("path", "")).rstrip("/")), None))
             else:
-                raise HubError(400, f"unsupported commit operation {key!r}")
+                raise ErrorAnswer(400, f"unsupported commit operation {key!r}")
         if header is None:
-            raise HubError(400, "the commit has no header line")
+            raise ErrorAnswer(400, "the commit has no header line")
         return header, ops
 
     def _commit(self, repo_type: str, repo_id: str, rev: str) -> None:
@@ -788,11 +788,11 @@ class _Handler(BaseHTTPRequestHandler):
                 ref_kind, ref_name = "pulls", str(len(repo["pulls"]) + 1)
                 parent = parent or head
                 if parent not in repo["commits"]:
-                    raise HubError(412, "parentCommit is not a commit of this repo")
+                    raise ErrorAnswer(412, "parentCommit is not a commit of this repo")
             else:
                 ref_kind, ref_name = self._branch_ref(repo, rev)
                 if parent is not None and parent != head:
-                    raise HubError(412, "A commit has happened since; refresh and try again")
+                    raise ErrorAnswer(412, "A commit has happened since; refresh and try again")
                 parent = head
             files = copy.deepcopy(repo["commits"][parent]["files"])
             for kind, path, entry in ops:
@@ -801,7 +801,7 @@ class _Handler(BaseHTTPRequestHandler):
                 elif kind == "deletedFile":
                     if files.pop(path, None) is None:
                         # The client looks for this exact phrase to add a hint about folders.
-                        raise HubError(
+                        raise ErrorAnswer(
                             404,
                             f"A file with this name doesn't exist: {path}",
                             "EntryNotFound",
@@ -832,7 +832,7 @@ class _Handler(BaseHTTPRequestHandler):
             return "branches", name
         if (match := _PR_RE.fullmatch(rev)) and match[1] in repo["pulls"]:
             return "pulls", match[1]
-        raise HubError(400, f"can only commit to a branch or a pull request, not {rev!r}")
+        raise ErrorAnswer(400, f"can only commit to a branch or a pull request, not {rev!r}")
 
     # --- read --------------------------------------------------------------------------------
 
@@ -849,7 +849,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _resolve(self, repo_type: str, repo_id: str, segments: list[str]) -> None:
         repo = self._read_repo(repo_type, repo_id)
         if repo["gated"] and not self._authorized():
-            raise HubError(401, "Access to this repo is restricted", "GatedRepo")
+            raise ErrorAnswer(401, "Access to this repo is restricted", "GatedRepo")
         sha, path = self._split_revision(repo, segments, need_rest=True)
         lies = self.server.hub._answer_lies("etag", "commit")
         entry = repo["commits"][sha]["files"].get(path)
@@ -867,7 +867,7 @@ class _Handler(BaseHTTPRequestHandler):
             parsed = _parse_range(range_header, size)
             if parsed is None:
                 headers["Content-Range"] = f"bytes */{size}"
-                raise HubError(416, "Requested range not satisfiable", headers=headers)
+                raise ErrorAnswer(416, "Requested range not satisfiable", headers=headers)
             start, end = parsed
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
@@ -983,7 +983,7 @@ class _Handler(BaseHTTPRequestHandler):
             repo = self._write_repo(repo_type, repo_id)
             self._check_ref_name(branch)
             if branch in repo["branches"]:
-                raise HubError(409, f"Branch {branch} already exists")
+                raise ErrorAnswer(409, f"Branch {branch} already exists")
             start = body.get("startingPoint") or DEFAULT_BRANCH
             sha = _Store.resolve(repo, start)
             if sha is None:
@@ -999,10 +999,10 @@ class _Handler(BaseHTTPRequestHandler):
             repo = self._write_repo(repo_type, repo_id)
             tag = body.get("tag")
             if not isinstance(tag, str):
-                raise HubError(400, "the body needs a 'tag'")
+                raise ErrorAnswer(400, "the body needs a 'tag'")
             self._check_ref_name(tag)
             if tag in repo["tags"]:
-                raise HubError(409, f"Tag {tag} already exists")
+                raise ErrorAnswer(409, f"Tag {tag} already exists")
             sha = _Store.resolve(repo, rev)
             if sha is None:
                 raise _revision_not_found(rev)
@@ -1015,7 +1015,7 @@ class _Handler(BaseHTTPRequestHandler):
         with store.lock:
             repo = self._write_repo(repo_type, repo_id)
             if kind == "branches" and name == DEFAULT_BRANCH:
-                raise HubError(403, "The default branch cannot be deleted")
+                raise ErrorAnswer(403, "The default branch cannot be deleted")
             if name not in repo[kind]:
                 raise _revision_not_found(name)
             del repo[kind][name]
@@ -1026,7 +1026,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _check_ref_name(name: str) -> None:
         bad = not name or name.startswith(("refs/", "/", "-")) or name.endswith("/")
         if bad or ".." in name or _SHA1_RE.fullmatch(name) or any(c in name for c in " ~^:?*[\\"):
-            raise HubError(400, f"invalid branch or tag name {name!r}")
+            raise ErrorAnswer(400, f"invalid branch or tag name {name!r}")
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:

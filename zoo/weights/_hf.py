@@ -8,7 +8,8 @@
   token is stripped of surrounding whitespace and must be printable ASCII.
 - A Hub is not trusted: the Hub client names cache files after what the server answers
   (ETag, commit id, file names), so every answer the client receives during a zoo call is
-  checked against the Hub's own formats before the client can use it (``_check_answer``),
+  checked against the Hub's own formats before the client can use it (``check_answer`` in
+  ``zoo.weights._hub_answers``),
   and every file the client returns must lie inside the Hub cache.
 
 ``zoo.persist.hub`` builds push, pull and ``from_pretrained`` on these pieces.
@@ -25,26 +26,17 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from zoo.core.errors import HubError, WeightsError, ZooError
-
-if TYPE_CHECKING:
-    pass
+from zoo.weights._hub_answers import COMMIT, SHA256, check_answer, printable, unsafe_name
 
 HUB_PREFIX = "hf-hub:"
 # The model card's load snippet names this placeholder; a push fills in the repo id.
 CARD_REPO_PLACEHOLDER = "hf-hub:<namespace>/<name>"
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
-_COMMIT = re.compile(r"[0-9a-f]{40}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_DRIVE = re.compile(r"[A-Za-z]:")  # a path segment Windows reads as a drive
-_ETAG = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # a git blob sha1 or an LFS sha256
 # user:pass@ in a URL (greedy up to the host: a password may hold a raw '@').
 _URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s]*@")
-# API answers whose JSON names commits and files: repo info, tree listings, paths-info.
-_LISTING_PATH = re.compile(
-    r"/api/(models|datasets|spaces)/[^/]+/[^/]+(/(revision|tree|paths-info)/.*)?$")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -62,11 +54,6 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 def _redact(text: str) -> str:
     """``text`` with the ``user:pass@`` of every URL in it shown as ``***@``."""
     return _URL_CREDENTIALS.sub("***@", text)
-
-
-def _printable(text: str, limit: int = 300) -> str:
-    """Server-supplied text made safe to print on one line: control characters become '?'."""
-    return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
 
 def _hub_name(endpoint: str | None) -> str:
@@ -147,7 +134,7 @@ def _translate(exc: BaseException, *, error: type[ZooError], repo_id: str,
             return error(f"{hub} does not allow this token to {action} {where} (HTTP 403): "
                          "use a token with write access to that namespace")
         detail = (getattr(exc, "server_message", None) or str(exc) or "").strip()
-        detail = _printable(detail.splitlines()[0]) if detail else type(exc).__name__
+        detail = printable(detail.splitlines()[0]) if detail else type(exc).__name__
         return error(f"{hub} answered HTTP {status} while trying to {action} {where}: {detail}")
     if isinstance(exc, hf.HFValidationError):
         return error(f"{repo_id!r} is not a valid Hub repo id: use namespace/name "
@@ -166,7 +153,7 @@ def _hub_errors(*, error: type[ZooError] = HubError, repo_id: str, revision: str
                 filename: str | None = None) -> Iterator[None]:
     """Turn huggingface_hub failures inside the block into one-line zoo errors, tokens removed.
 
-    Every answer the Hub client receives meanwhile is checked first (``_check_answer``).
+    Every answer the Hub client receives meanwhile is checked first (``check_answer``).
     Errors are raised ``from None``: a chained client exception can hold the request headers.
     """
     try:
@@ -186,7 +173,7 @@ def _hub_errors(*, error: type[ZooError] = HubError, repo_id: str, revision: str
             raise  # a bug with nothing secret in it: keep the whole traceback
         if zoo_error is None:
             zoo_error = error(f"could not {action} {repo_id}: {type(exc).__name__}: "
-                              f"{_printable(str(exc).strip().partition(chr(10))[0])}")
+                              f"{printable(str(exc).strip().partition(chr(10))[0])}")
         raise type(zoo_error)(_scrub(str(zoo_error), secrets)) from None
 
 
@@ -216,20 +203,9 @@ def _split_repo(repo_id: str, revision: str | None) -> tuple[str, str | None]:
     return repo, (revision or at or None)
 
 
-def _unsafe_name(path: Any) -> bool:
-    """Whether ``path`` could leave the folder it is joined to: absolute, '..', '.', empty
-    segments, a backslash, a drive (``C:``; any ':' on Windows) or a control character."""
-    if not isinstance(path, str):
-        return True
-    parts = path.split("/")
-    return (path.startswith("/") or "\\" in path or not path.isprintable()
-            or (":" in path and os.name == "nt")
-            or any(part in ("", ".", "..") or _DRIVE.match(part) for part in parts))
-
-
 def _check_revision(revision: str | None, error: type[ZooError] = HubError) -> None:
     """Refuse a revision that could name a path outside the cache's ``refs`` folder."""
-    if revision is not None and _unsafe_name(revision):
+    if revision is not None and unsafe_name(revision):
         raise error(f"revision {revision!r} is not a branch, tag or commit name: use e.g. "
                     "'main', 'v1.0', 'refs/pr/1' or a 40-character commit id")
 
@@ -278,61 +254,6 @@ def _check_inside(path: Path, cache: Path, what: str, error: type[ZooError]) -> 
 # --------------------------------------------------------------------------- answers
 
 
-def _refuse(response: Any, what: str, value: Any, expected: str) -> None:
-    url = response.request.url
-    port = f":{url.port}" if url.port else ""
-    raise HubError(f"{url.scheme}://{url.host}{port} answered an unsafe {what} "
-                   f"{_printable(repr(value), 80)} where a Hub sends {expected}: refusing it "
-                   "(the Hub client would use it as a path in its cache; the Hub may be "
-                   "malicious)")
-
-
-def _check_listing(response: Any, data: Any) -> None:
-    """Check the commit ids, file names and hashes in a repo-info, tree or paths-info answer."""
-    for entry in data if isinstance(data, list) else [data]:
-        if not isinstance(entry, dict):
-            continue
-        if "sha" in entry and not _COMMIT.fullmatch(str(entry["sha"])):
-            _refuse(response, "commit id", entry["sha"], "40 hex digits")
-        names = [s.get("rfilename") for s in entry.get("siblings") or [] if isinstance(s, dict)]
-        names += [entry["path"]] if "path" in entry else []
-        for name in names:
-            if _unsafe_name(name):
-                _refuse(response, "file name", name, "a relative path inside the repo")
-        lfs = entry.get("lfs") if isinstance(entry.get("lfs"), dict) else {}
-        for what, value, pattern, expected in (
-                ("git object id", entry.get("oid"), _COMMIT, "40 hex digits"),
-                ("LFS sha256", lfs.get("oid"), _SHA256, "64 hex digits"),
-                ("xet hash", entry.get("xetHash"), _SHA256, "64 hex digits")):
-            if value is not None and not pattern.fullmatch(str(value)):
-                _refuse(response, what, value, expected)
-
-
-def _check_answer(response: Any) -> None:
-    """An httpx response hook: refuse a Hub answer whose metadata is not in the Hub's format.
-
-    The Hub client builds cache paths from the commit id (``X-Repo-Commit``, repo info
-    ``sha``), the ETag, the xet hash and the file names it is sent: each must be hex of the
-    right length or a plain relative path, checked before the client reads the answer.
-    """
-    headers, request = response.headers, response.request
-    commit = headers.get("X-Repo-Commit")
-    if commit is not None and not _COMMIT.fullmatch(commit):
-        _refuse(response, "commit id (X-Repo-Commit)", commit, "40 hex digits")
-    etag = headers.get("X-Linked-Etag") or (headers.get("ETag") if request.method == "HEAD"
-                                            and response.status_code < 400 else None)
-    # The client strips a leading W/ and quotes the same way before using it.
-    if etag is not None and not _ETAG.fullmatch(etag.lstrip("W/").strip('"')):
-        _refuse(response, "ETag", etag, "a 40- or 64-hex-digit file hash")
-    xet = headers.get("X-Xet-Hash")
-    if xet is not None and not _SHA256.fullmatch(xet):
-        _refuse(response, "xet hash", xet, "64 hex digits")
-    if response.status_code == 200 and _LISTING_PATH.search(request.url.path):
-        response.read()
-        with contextlib.suppress(ValueError):  # not JSON: the client reports that itself
-            _check_listing(response, response.json())
-
-
 _answer_lock = threading.Lock()
 _answer_users = 0
 
@@ -340,15 +261,15 @@ _answer_users = 0
 @contextlib.contextmanager
 def _checked_answers() -> Iterator[None]:
     """Check every answer the Hub client receives during the block (its shared session gets
-    ``_check_answer`` as a response hook while any zoo call needs it)."""
+    ``check_answer`` as a response hook while any zoo call needs it)."""
     from huggingface_hub import get_session
 
     global _answer_users
     with _answer_lock:
         session = get_session()
         hooks = session.event_hooks
-        if _check_answer not in hooks["response"]:
-            session.event_hooks = {**hooks, "response": [*hooks["response"], _check_answer]}
+        if check_answer not in hooks["response"]:
+            session.event_hooks = {**hooks, "response": [*hooks["response"], check_answer]}
         _answer_users += 1
     try:
         yield
@@ -356,8 +277,8 @@ def _checked_answers() -> Iterator[None]:
         with _answer_lock:
             _answer_users -= 1
             hooks = session.event_hooks
-            if not _answer_users and _check_answer in hooks["response"]:
-                kept = [hook for hook in hooks["response"] if hook is not _check_answer]
+            if not _answer_users and check_answer in hooks["response"]:
+                kept = [hook for hook in hooks["response"] if hook is not check_answer]
                 session.event_hooks = {**hooks, "response": kept}
 
 
@@ -376,7 +297,7 @@ def _file_facts(repo: str, filename: str, revision: str | None, endpoint: str | 
     try:
         url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
         commit = get_hf_file_metadata(url, token=token, endpoint=endpoint).commit_hash
-        if not _COMMIT.fullmatch(str(commit)):  # also checked by _check_answer
+        if not COMMIT.fullmatch(str(commit)):  # also checked by check_answer
             raise WeightsError(f"the Hub answered an unsafe commit id for {repo}: refusing it")
         entries = HfApi(endpoint=endpoint, token=token).get_paths_info(
             repo, [filename], revision=commit)
@@ -408,9 +329,9 @@ def _digests(source: Any) -> tuple[str, str]:
 def _cached_hash(path: Path) -> tuple[str, str] | None:
     """The hash the Hub cache recorded for a file: its blob is named by the download's ETag."""
     blob = path.resolve().name
-    if _SHA256.fullmatch(blob):
+    if SHA256.fullmatch(blob):
         return "sha256", blob
-    if _COMMIT.fullmatch(blob):
+    if COMMIT.fullmatch(blob):
         return "git blob sha1", blob
     return None  # a copied file (no symlinks on this system): nothing recorded
 
@@ -472,7 +393,7 @@ def hub_download(
 
     token = _token(token)
     _check_revision(revision, WeightsError)
-    if _unsafe_name(filename):
+    if unsafe_name(filename):
         raise WeightsError(f"{filename!r} is not a file name inside a Hub repo")
     cache = _cache_root(cache_dir)
     with _hub_errors(error=WeightsError, repo_id=repo_id, revision=revision, endpoint=endpoint,
@@ -488,6 +409,3 @@ def hub_download(
     if facts:
         _remember_revision(cache, repo_id, revision, facts[0])
     return path
-
-
-# --------------------------------------------------------------------------- push
