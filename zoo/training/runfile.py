@@ -3,7 +3,9 @@ with ``zoo.finetune(**zoo.load_run("run.yaml"))`` or ``zoo finetune --config run
 
 Keys are ``finetune``'s parameter names; an unknown key is refused naming it and the valid
 ones. Values are plain (numbers, strings, booleans, null, lists, mappings). Written with
-PyYAML when installed, else as JSON (a subset of YAML); always atomically.
+PyYAML when installed, else as JSON (a subset of YAML); a ``.json`` file as JSON and a
+``.toml`` file as TOML (which has no null: a None setting is left out where None is its
+default, refused otherwise); always atomically.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import inspect
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,9 @@ from typing import Any
 from zoo.core.errors import ZooError
 
 MAX_RUN_FILE_BYTES = 1024 * 1024
+RUN_FILE = "run.yaml"  # what a run with an output folder writes beside its checkpoint
+# Settings that say where a run goes, not how it trains: never in run.yaml.
+_NOT_IN_RUN_FILE = ("output_dir", "resume", "overwrite", "callbacks", "feature_store", "quiet")
 HEADER = "# zoo run settings: replay with `zoo finetune --config FILE` or\n" \
          "# zoo.finetune(**zoo.load_run(FILE))\n"
 
@@ -63,20 +69,80 @@ def check_keys(settings: Mapping[str, Any], source: str = "run settings") -> Non
 
 
 def write_run(path: str | os.PathLike[str], settings: Mapping[str, Any]) -> Path:
-    """Write ``settings`` (``finetune`` keyword arguments) to ``path`` atomically."""
+    """Write ``settings`` (``finetune`` keyword arguments) to ``path`` atomically: JSON for a
+    ``.json`` file, TOML for ``.toml``, else YAML."""
     from zoo.core._io import write_text_atomic
 
     check_keys(settings)
     data = {key: _plain(value, key) for key, value in settings.items()}
-    try:
-        import yaml
-
-        text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False,
-                              allow_unicode=True)
-    except ImportError:
+    suffix = Path(path).suffix.lower()
+    if suffix == ".json":
         text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    write_text_atomic(path, HEADER + text)
+    elif suffix == ".toml":
+        text = HEADER + _toml(data)
+    else:
+        try:
+            import yaml
+
+            text = HEADER + yaml.safe_dump(data, sort_keys=False, default_flow_style=False,
+                                           allow_unicode=True)
+        except ImportError:
+            text = HEADER + json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    write_text_atomic(path, text)
     return Path(path)
+
+
+def write_run_file(out: Path, values: Mapping[str, Any]) -> None:
+    """``run.yaml`` in run folder ``out``: every ``finetune`` setting in ``values`` a file can
+    hold (names, numbers, paths); Python objects (tensors, callables, Datasets) are left
+    out, and so are the settings that only say where the run goes."""
+    from zoo.persist.folder import claim_output_dir
+
+    settings = {}
+    for key in run_keys():
+        if key in _NOT_IN_RUN_FILE or key not in values:
+            continue
+        try:
+            settings[key] = _plain(values[key], key)
+        except ZooError:
+            continue
+    claim_output_dir(out)
+    write_run(out / RUN_FILE, settings)
+
+
+def _toml(data: Mapping[str, Any]) -> str:
+    """Plain settings as TOML lines. TOML has no null: a None setting is left out when None
+    is its ``finetune`` default, and refused otherwise (it would load as the default)."""
+    from zoo.training.runner import finetune
+
+    defaults = {name: p.default for name, p in inspect.signature(finetune).parameters.items()}
+    lines = []
+    for key, value in data.items():
+        if value is None and defaults.get(key) is None:
+            continue
+        lines.append(f"{_toml_key(key)} = {_toml_value(value, key)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _toml_value(value: Any, where: str) -> str:
+    """One plain value (``_plain`` output) as TOML."""
+    if value is None:
+        raise ZooError(f"run setting {where} is None, which TOML cannot hold (it has no "
+                       "null); save the settings as .json or .yaml instead")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value).replace("\x7f", "\\u007f")
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v, f"{where}[{i}]") for i, v in enumerate(value)) + "]"
+    return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v, f'{where}.{k}')}"
+                           for k, v in value.items()) + "}"
 
 
 def load_run(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -107,6 +173,19 @@ def load_run(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _parse(text: str, path: Path) -> Any:
+    if path.suffix.lower() == ".json":  # not through YAML 1.1, which reads 1e-05 as a string
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ZooError(f"{path} is not valid JSON (line {exc.lineno}); fix the file"
+                           ) from None
+    if path.suffix.lower() == ".toml":
+        import tomllib
+
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ZooError(f"{path} is not valid TOML ({exc}); fix the file") from None
     try:
         import yaml
     except ImportError:
