@@ -23,7 +23,7 @@ from zoo.experiments.analysis import derive
 from zoo.experiments.plots import PLOTS
 from zoo.experiments.report import ComparisonResult, format_table, write_report
 from zoo.experiments.sweep import Budget, compare, run_name
-from zoo.training.runner import Callback
+from zoo.training.callbacks import Callback
 
 BACKBONES = ["cifar_resnet20", "resnet18"]
 STRATEGIES = ["linear_probe", "partial"]  # scratch is added by compare

@@ -33,7 +33,9 @@ import zoo
 from zoo.cli import main
 from zoo.cli.training import new_run_dir
 from zoo.core.errors import ZooError
-from zoo.training.runner import RESUME_FILE, BestEpoch, Callback, Run, rank_share
+from zoo.training.best import BestEpoch
+from zoo.training.callbacks import RESUME_FILE, Callback, Run
+from zoo.training.device import rank_share
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

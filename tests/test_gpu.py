@@ -17,7 +17,9 @@ from torch import nn
 
 import zoo
 from zoo.data.feature_cache import FeatureStore
-from zoo.training.runner import RESUME_FILE, Callback, FreezeState, Run, gather, input_workers
+from zoo.models.groups import FreezeState
+from zoo.training.callbacks import RESUME_FILE, Callback, Run
+from zoo.training.device import gather, input_workers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -13,17 +13,15 @@ import torch
 import zoo
 from zoo.core.errors import DuplicateNameError, UnknownNameError, ZooError
 from zoo.plugins.manager import get_plugin_manager
+from zoo.training.callbacks import Callback, Run, is_terminal, progress_bar
 from zoo.training.loggers import (
     ConsoleLogger,
     CsvLogger,
     flatten,
     format_epoch,
-    is_terminal,
     logger_factories,
     make_loggers,
-    progress_bar,
 )
-from zoo.training.runner import Callback, Run
 
 
 class FakeRun(Run):

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 import zoo
 from zoo.core.errors import ZooError
 from zoo.data.feature_cache import FeatureStore
-from zoo.training.runner import RESUME_FILE, Callback, Run
+from zoo.training.callbacks import RESUME_FILE, Callback, Run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -36,7 +36,7 @@ from zoo.persist.validate import (
     validate_header,
     validate_safetensors,
 )
-from zoo.training.runner import RESUME_FILE, Callback, Run
+from zoo.training.callbacks import RESUME_FILE, Callback, Run
 
 FT = ["finetune", "--backbone", "cifar_resnet20", "--strategy", "partial", "--data", "digits",
       "--limit-per-class", "2", "--image-size", "8", "--epochs", "1", "--weights", "none",

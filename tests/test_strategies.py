@@ -20,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import zoo
 from zoo.models.strategy import GroupPlan, make_strategy, selects
-from zoo.training.runner import Callback, Run
+from zoo.training.callbacks import Callback, Run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -18,8 +18,8 @@ from conftest import TINY, quick_finetune
 import zoo
 from zoo.core.errors import ZooError
 from zoo.data.transforms import transform_from_config
+from zoo.training.callbacks import Callback, Run
 from zoo.training.optim import schedule_factor
-from zoo.training.runner import Callback, Run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

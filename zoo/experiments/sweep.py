@@ -47,8 +47,11 @@ from zoo.experiments.report import ComparisonResult, write_report
 from zoo.models.strategy import make_strategy, plan
 from zoo.persist.checkpoint import MODEL_FILE
 from zoo.plugins.registry import canonical_backbone_name, get_backbone, get_strategy
-from zoo.training.runner import Callback, finetune, resolve_device
-from zoo.weights.load import fetch, weights_spec
+from zoo.training.callbacks import Callback
+from zoo.training.device import resolve_device
+from zoo.training.runner import finetune
+from zoo.weights.download import fetch
+from zoo.weights.load import weights_spec
 
 RECORD_FILE = "record.json"
 

@@ -1,5 +1,7 @@
 """Evaluation by class name: match a dataset's classes to a model's, count a confusion
 matrix, summarise it per class, and write ``evaluation.json`` and ``confusion_matrix.png``.
+``evaluation_loop`` is the one loop behind ``zoo.evaluate``, ``zoo evaluate`` and the
+trainer's per-epoch validation.
 
 A label is an index into the classes of the data it came from, so comparing it with a
 model's output index is only right when both lists agree. ``map_classes`` matches them by
@@ -9,11 +11,12 @@ falls back to indices, saying so, only where one side has no names.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from zoo.core.errors import ZooError
-from zoo.data.dataset import ImageData
+from zoo.data.dataset import load_data
+from zoo.data.imagedata import ImageData
+from zoo.data.transforms import BatchTransform, prepare_inputs, transform_from_config
+from zoo.training.device import Batches, resolve_device
 
 EVALUATION_JSON = "evaluation.json"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -172,6 +178,12 @@ class Tally:
         self.pairs.update(dict(zip(values.tolist(), counts.tolist(), strict=True)))
         self.samples += len(labels)
 
+    @property
+    def correct(self) -> int:
+        """How many images were predicted as their true class."""
+        n = self.num_classes
+        return sum(count for code, count in self.pairs.items() if code // n == code % n)
+
     def result(self) -> dict[str, Any]:
         """Overall and per-class accuracy, loss and the confusion matrix (rows: true class,
         columns: predicted class, over the model's classes)."""
@@ -210,6 +222,80 @@ class Tally:
         if self.pairs:
             matrix[torch.tensor(list(self.pairs))] = torch.tensor(list(self.pairs.values()))
         return matrix.view(n, n).tolist()
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def same_classes(num_classes: int) -> ClassMapping:
+    """Labels that are the model's class indices already (a run's own validation data)."""
+    return ClassMapping(torch.arange(num_classes), index_names(num_classes), "index", None)
+
+
+@torch.no_grad()
+def evaluation_loop(batches: Iterable[tuple[Tensor, Tensor, Tensor]],
+                    logits_of: Callable[[Tensor, Tensor], Tensor],
+                    tally: Tally | Callable[[int], Tally], device: torch.device) -> Tally | None:
+    """The one evaluation loop, shared by ``evaluate`` (so ``zoo evaluate``) and the
+    trainer's validation: the logits of each ``(indices, images, labels)`` batch
+    (``logits_of(indices, images)``) counted into ``tally``, or into the Tally that
+    ``tally(num_classes)`` makes from the first batch's logits; None without batches."""
+    counts = tally if isinstance(tally, Tally) else None
+    for idx, images, labels in batches:
+        logits = logits_of(idx, images)
+        if counts is None:  # a bare model: its output size tells its classes
+            counts = tally(logits.shape[-1])  # type: ignore[operator]
+        counts.add(logits, labels.to(device))
+    return counts
+
+
+def evaluate(model: nn.Module, data: Any, *, batch_size: int = 128, split: str = "val",
+             device: str | torch.device | None = None,
+             transform: BatchTransform | None = None) -> dict[str, Any]:
+    """Accuracy, loss, per-class accuracy and confusion matrix of ``model`` on ``data`` (any
+    form ``finetune`` accepts), its classes matched to the model's by name.
+
+    The data may hold any subset of the model's classes (predictions stay over all of them);
+    a class the model does not know is an error. Where either side has no class names
+    (tensors, a model without ``class_names``) labels are matched by index if the counts
+    fit, and the result's ``note`` says so (see ``map_classes``). Top-5 accuracy is reported
+    only for models with more than 5 classes. The input transform comes from the model's zoo
+    config (set by ``finetune`` and ``load_checkpoint``) unless ``transform`` is given.
+    """
+    dev = resolve_device(device) if device is not None else next(model.parameters()).device
+    dataset = load_data(data, split)
+    if len(dataset) == 0:
+        raise ZooError("the evaluation data holds no images")
+    config = getattr(model, "zoo_config", None) or {}
+    if transform is None:
+        pre = config.get("preprocessing")
+        if pre is None:
+            raise ZooError("the model carries no preprocessing; pass transform=")
+        transform = transform_from_config(pre)
+    names, num_classes = config.get("class_names"), config.get("num_classes")
+    # a checkpoint's classes are known up front, so a mismatch is refused before any work
+    tally = Tally(map_classes(names, num_classes, dataset)) if num_classes else \
+        functools.partial(_tally_for, names, dataset)
+    transform, (dataset,) = prepare_inputs(transform, dataset)  # as finetune and predict fit
+    was_training = model.training
+    model.eval().to(dev)
+    try:
+        batches = Batches(dataset, batch_size)(torch.arange(len(dataset)))
+        counts = evaluation_loop(batches, functools.partial(_logits, model, transform, dev),
+                                 tally, dev)
+    finally:
+        model.train(was_training)
+    assert counts is not None
+    return counts.result()
+
+
+def _tally_for(names: Sequence[str] | None, data: ImageData, num_classes: int) -> Tally:
+    return Tally(map_classes(names, num_classes, data))
+
+
+def _logits(model: nn.Module, transform: BatchTransform, dev: torch.device, idx: Tensor,
+            images: Tensor) -> Tensor:
+    return model(transform(images.to(dev))).float()
 
 
 # --------------------------------------------------------------------------- output folder

@@ -2,7 +2,7 @@
 plugin registers with the ``register_loggers`` hook (W&B, MLflow, ...).
 
 ``make_loggers(["csv", "tensorboard"], output_dir)`` builds them by name; a factory takes
-``(output_dir, **options)`` and returns a :class:`zoo.training.runner.Callback`.
+``(output_dir, **options)`` and returns a :class:`zoo.training.callbacks.Callback`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,14 @@ import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from zoo.core.errors import DuplicateNameError, PluginError, UnknownNameError, ZooError
-from zoo.training.runner import Callback, FinetuneResult, Run
+from zoo.core.errors import PluginError, UnknownNameError, ZooError
+from zoo.plugins.registry import call_each, claim
+from zoo.training.callbacks import Callback, Run
+
+if TYPE_CHECKING:
+    from zoo.training.trainer import FinetuneResult
 
 METRICS_FILE = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
@@ -92,26 +96,6 @@ def format_epoch(record: Mapping[str, Any], epochs: int | None = None) -> str:
     return "  ".join(parts)
 
 
-def is_terminal(stream: IO[str] | None = None) -> bool:
-    """True when ``stream`` (default: stderr) is a terminal: only then draw progress bars."""
-    stream = sys.stderr if stream is None else stream
-    isatty = getattr(stream, "isatty", None)
-    try:
-        return bool(isatty and isatty())
-    except (ValueError, OSError):  # a closed stream
-        return False
-
-
-def progress_bar(total: int, desc: str, stream: IO[str] | None = None,
-                 quiet: bool = False) -> Any:
-    """A tqdm bar on a terminal; disabled in a log file (no carriage-return frames)."""
-    from tqdm.auto import tqdm
-
-    stream = sys.stderr if stream is None else stream
-    return tqdm(total=total, desc=desc, file=stream, leave=False, unit="batch",
-                disable=quiet or not is_terminal(stream))
-
-
 class ConsoleLogger(Callback):
     """The live line per epoch, printed as the epoch ends (to stderr by default): on a
     terminal and in a log file alike one plain line, never carriage-return frames."""
@@ -134,32 +118,17 @@ BUILTIN: dict[str, LoggerFactory] = {"csv": CsvLogger, "tensorboard": TensorBoar
 
 def logger_factories() -> dict[str, LoggerFactory]:
     """Built-in loggers and those plugins register (``register(name, factory)``)."""
-    from zoo.plugins.manager import get_plugin_manager
-
     found: dict[str, LoggerFactory] = dict(BUILTIN)
-    owners = {name: "zoo" for name in found}
-    hook = get_plugin_manager().hook.register_loggers
-    for impl in hook.get_hookimpls():
-        plugin = impl.plugin_name
+    owners = dict.fromkeys(found, "zoo")
 
-        def register(name: str, factory: LoggerFactory, _plugin: str = plugin) -> None:
-            if name in owners:
-                raise DuplicateNameError(f"logger {name!r} is registered by both "
-                                         f"{owners[name]!r} and plugin {_plugin!r}; block one "
-                                         "of them in registry.toml or via ZOO_LOAD_PLUGINS")
-            if not callable(factory):
-                raise PluginError(f"plugin {_plugin!r} registered logger {name!r} with a "
-                                  f"non-callable factory {factory!r}")
-            owners[name] = _plugin
-            found[name] = factory
+    def add(plugin: str, name: str, factory: LoggerFactory) -> None:
+        claim(owners, "logger", name, plugin)
+        if not callable(factory):
+            raise PluginError(f"plugin {plugin!r} registered logger {name!r} with a "
+                              f"non-callable factory {factory!r}")
+        found[name] = factory
 
-        try:
-            impl.function(register=register)
-        except (DuplicateNameError, PluginError):
-            raise
-        except Exception as exc:
-            raise PluginError(f"plugin {plugin!r} raised in register_loggers: "
-                              f"{type(exc).__name__}: {exc}") from exc
+    call_each("register_loggers", add)
     return found
 
 
@@ -178,6 +147,18 @@ def make_loggers(names: Sequence[str], output_dir: str | Path | None,
         kwargs = dict((options or {}).get(name, {}))
         result.append(factories[name](output_dir, **kwargs))
     return result
+
+
+def default_loggers(names: Sequence[str] | None, out: Path | None, quiet: bool
+                    ) -> list[Callback]:
+    """A run's logger callbacks: ``names``, or by default ``metrics.csv`` when there is a run
+    folder and the live line per epoch unless ``quiet`` (which also drops "console")."""
+    if names is None:
+        names = ["csv"] if out is not None else []
+        names = names if quiet else [*names, "console"]
+    elif quiet:
+        names = [n for n in names if n != "console"]
+    return make_loggers(list(names), out)
 
 
 def finite(value: Any) -> bool:

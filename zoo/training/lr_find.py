@@ -23,13 +23,15 @@ from torch import nn
 
 from zoo.core.errors import ZooError
 from zoo.core.spec import Backbone
-from zoo.data.dataset import ImageData, load_data
+from zoo.data.dataset import load_data
+from zoo.data.imagedata import ImageData
 from zoo.data.transforms import BatchTransform, prepare_inputs
 from zoo.models.build import create_model, replace_head, transforms_for
+from zoo.models.groups import FreezeState
 from zoo.models.strategy import FreezeStrategy, make_strategy
 from zoo.plugins.registry import get_backbone
+from zoo.training.device import Batches, resolve_device
 from zoo.training.optim import build_optimizer
-from zoo.training.runner import Batches, FreezeState, resolve_device
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,6 +20,8 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from zoo.core.errors import ZooError
+from zoo.models.strategy import Plan
+from zoo.training.ema import ModelEma
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "linear", "step", "onecycle", "constant")
@@ -82,6 +85,30 @@ def build_optimizer(groups: Sequence[Mapping[str, Any]] | nn.Module, name: str =
         return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                nesterov=momentum > 0)
     return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
+
+
+def param_groups(model: nn.Module, owner: Mapping[str, str], plans: Sequence[Plan],
+                 names: Sequence[str], lr: float) -> list[dict[str, Any]]:
+    """One entry per layer group, in order, each ``{"params", "lr", "name"}``: every group is
+    registered from the start, at the rate it will train with (its first trainable epoch's
+    ``lr_scale``; frozen all along: the first plan's), so any scheduler sees them all."""
+    params: dict[str, list[nn.Parameter]] = {n: [] for n in names}
+    for pname, p in model.named_parameters():
+        params[owner[pname]].append(p)
+    groups = []
+    for group in names:
+        active = next((p[group] for p in plans if p[group].trainable), plans[0][group])
+        groups.append({"params": params[group], "lr": lr * active.lr_scale, "name": group})
+    return groups
+
+
+def make_optimizer(model: nn.Module, owner: Mapping[str, str], plans: Sequence[Plan],
+                   names: Sequence[str], lr: float, weight_decay: float, name: str = "adamw",
+                   momentum: float = 0.9) -> torch.optim.Optimizer:
+    """AdamW or SGD with each layer group at the lr it will train with (``param_groups``),
+    split into a decayed and an undecayed half (no decay on norms and biases)."""
+    return build_optimizer(param_groups(model, owner, plans, names, lr), name, lr=lr,
+                           weight_decay=weight_decay, momentum=momentum, model=model)
 
 
 def classification_loss(label_smoothing: float = 0.0) -> Callable[[Tensor, Tensor], Tensor]:
@@ -162,6 +189,25 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str = "cosine", *, e
     return LambdaLR(optimizer, factor)
 
 
+def make_schedulers(choice: Any, optimizer: torch.optim.Optimizer, epochs: int, steps: int,
+                    warmup_epochs: float) -> tuple[Any, Any]:
+    """``(per-batch schedule, per-epoch schedule)``: a name gives the first (stepped after
+    each optimizer step, ``build_scheduler``), a callable ``optimizer -> scheduler`` the
+    second; None gives neither (a constant rate after ``warmup_epochs``, if any)."""
+    if choice is None:
+        if warmup_epochs:
+            return build_scheduler(optimizer, "constant", epochs=epochs, steps_per_epoch=steps,
+                                   warmup_epochs=warmup_epochs), None
+        return None, None
+    if isinstance(choice, str) and choice in SCHEDULES:
+        return build_scheduler(optimizer, choice, epochs=epochs, steps_per_epoch=steps,
+                               warmup_epochs=warmup_epochs), None
+    if callable(choice):
+        return None, choice(optimizer)
+    raise ZooError(f"unknown scheduler {choice!r}; use one of {', '.join(SCHEDULES)}, None "
+                   "or a callable")
+
+
 # --------------------------------------------------------------------------- stepping
 
 
@@ -237,3 +283,25 @@ class GradientStep:
             self.scheduler.step()
         self.pending = 0
         self.steps += 1
+
+
+@dataclass
+class StepParts:
+    """What a training batch needs besides the model: the loss, the stepper (accumulation,
+    clipping, AMP scaler, per-batch schedule), the mixup/cutmix mixer and the EMA."""
+
+    loss: Callable[[Tensor, Tensor], Tensor]
+    stepper: GradientStep
+    mixer: Any = None
+    ema: Any = None
+
+
+def step_parts(optimizer: torch.optim.Optimizer, model: nn.Module, label_smoothing: float,
+               accumulate: int, clip_grad: float | None, scaler: Any, batch_schedule: Any,
+               mixer: Any, ema: float | None) -> StepParts:
+    """The loss, stepper and (with ``ema=DECAY``) the moving average of ``model``'s weights,
+    which starts from the weights as they are now."""
+    stepper = GradientStep(optimizer, accumulate=accumulate, clip_grad=clip_grad, scaler=scaler,
+                           scheduler=batch_schedule)
+    average = ModelEma(model, ema) if ema is not None else None
+    return StepParts(classification_loss(label_smoothing), stepper, mixer, average)
