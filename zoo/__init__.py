@@ -21,9 +21,24 @@ from zoo.core.errors import (
     WeightsError,
     ZooError,
 )
-from zoo.core.spec import Backbone, BackboneFamily, LayerGroup, Stage, Strategy, Weights
+from zoo.core.spec import (
+    Backbone,
+    BackboneFamily,
+    DatasetSpec,
+    LayerGroup,
+    Stage,
+    Strategy,
+    Weights,
+)
 from zoo.plugins.hookspecs import hookimpl
-from zoo.plugins.registry import get_backbone, get_strategy, list_backbones, list_strategies
+from zoo.plugins.registry import (
+    get_backbone,
+    get_dataset,
+    get_strategy,
+    list_backbones,
+    list_datasets,
+    list_strategies,
+)
 
 # Public functions living in modules that import torch: loaded on first attribute access.
 _LAZY = {
@@ -31,24 +46,23 @@ _LAZY = {
     "layer_groups": "zoo.models.build",
     "transforms_for": "zoo.models.build",
     "load_weights": "zoo.weights.load",
-    "import_weights": "zoo.weights.load",
+    "import_weights": "zoo.weights.importing",
     "finetune": "zoo.training.runner",
-    "evaluate": "zoo.training.runner",
-    "FinetuneResult": "zoo.training.runner",
-    "Callback": "zoo.training.runner",
+    "evaluate": "zoo.training.evaluate",
+    "FinetuneResult": "zoo.training.trainer",
+    "Callback": "zoo.training.callbacks",
     "plan": "zoo.models.strategy",
     "FreezeStrategy": "zoo.models.strategy",
     "GroupPlan": "zoo.models.strategy",
     "save_checkpoint": "zoo.persist.checkpoint",
     "load_checkpoint": "zoo.persist.checkpoint",
     "export": "zoo.deploy.export",
-    "load_peft_adapter": "zoo.deploy.peft_interop",
+    "load_peft_adapter": "zoo.deploy.peft_load",
     "push_to_hub": "zoo.persist.hub",
     "pull_from_hub": "zoo.persist.hub",
     "from_pretrained": "zoo.persist.hub",
-    "compare": "zoo.experiments.compare",
-    "ComparisonResult": "zoo.experiments.compare",
-    "list_datasets": "zoo.data.dataset",
+    "compare": "zoo.experiments.sweep",
+    "ComparisonResult": "zoo.experiments.report",
     "load_data": "zoo.data.dataset",
     "load_run": "zoo.training.runfile",
     "write_run": "zoo.training.runfile",
@@ -59,11 +73,12 @@ _LAZY = {
 }
 
 __all__ = [
-    "Backbone", "BackboneFamily", "CheckpointError", "DuplicateNameError", "HubError",
+    "Backbone", "BackboneFamily", "CheckpointError", "DatasetSpec", "DuplicateNameError",
+    "HubError",
     "IncompatibleError",
     "LayerGroup", "PluginError", "Stage", "Strategy", "UnknownNameError", "Weights",
-    "WeightsError", "ZooError", "get_backbone", "get_strategy", "hookimpl", "list_backbones",
-    "list_strategies", *_LAZY,
+    "WeightsError", "ZooError", "get_backbone", "get_dataset", "get_strategy", "hookimpl",
+    "list_backbones", "list_datasets", "list_strategies", *_LAZY,
 ]
 
 
