@@ -273,7 +273,7 @@ class Bench:
     def imagefolder(self) -> Row:
         """zoo on the JPEG folder (read lazily, as 5,000 images at 224 px are) against zoo
         on the same images decoded into tensors."""
-        import zoo.data.dataset
+        import zoo.data.imagedata
         from bench.training import Cell, run_zoo
 
         base = self.base("resnet50")
@@ -284,13 +284,13 @@ class Bench:
         memory_row, _ = run_zoo(base, cell, self.data(len(self.x)), device=self.device,
                                 val=(xv, yv))
         fresh()
-        budget = zoo.data.dataset.MEMORY_BUDGET
-        zoo.data.dataset.MEMORY_BUDGET = 0  # decode as it goes, whatever the folder's size
+        budget = zoo.data.imagedata.MEMORY_BUDGET
+        zoo.data.imagedata.MEMORY_BUDGET = 0  # decode as it goes, whatever the folder's size
         try:
             folder_row, _ = run_zoo(base, cell, None, device=self.device,
                                     train=str(self.folder))
         finally:
-            zoo.data.dataset.MEMORY_BUDGET = budget
+            zoo.data.imagedata.MEMORY_BUDGET = budget
         fresh()
         row = throughput_row("imagefolder resnet50", len(self.x), memory_row, folder_row, 0.8)
         pipeline = folder_row.extra.get("input_pipeline") or {}

@@ -29,8 +29,10 @@ from torch.utils.data import Dataset
 
 import zoo
 from zoo.core.errors import IncompatibleError, ZooError
-from zoo.data.dataset import ImageData, load_data, load_image
+from zoo.data.dataset import load_data
 from zoo.data.feature_cache import FeatureStore
+from zoo.data.imagedata import ImageData
+from zoo.data.sources import load_image
 from zoo.data.transforms import BatchTransform, Geometry, resize_crop, transform_from_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

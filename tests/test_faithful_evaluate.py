@@ -136,7 +136,7 @@ def test_a_class_the_model_does_not_know_is_a_one_line_error(
 
 def test_a_long_list_of_model_classes_is_truncated_in_the_error() -> None:
     """Issue 13.3: the error lists at most ten of the model's classes, then how many."""
-    from zoo.data.dataset import ImageData
+    from zoo.data.imagedata import ImageData
     from zoo.training.evaluate import map_classes
 
     names = [f"class{i}" for i in range(50)]
@@ -256,7 +256,7 @@ def test_a_model_with_thousands_of_classes_gets_the_non_zero_cells_not_a_dense_m
         tmp_path: Path) -> None:
     """Issue 13.3 (resources): a 200,000-class head would need a 320 GB dense matrix, so
     above 1,000 classes the result lists the non-zero cells and no PNG is drawn."""
-    from zoo.data.dataset import ImageData
+    from zoo.data.imagedata import ImageData
     from zoo.training.evaluate import Tally, map_classes, write_evaluation
 
     n = 5000

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import zoo
 from zoo.cli import main
-from zoo.data.dataset import load_image
+from zoo.data.sources import load_image
 from zoo.data.transforms import transform_from_config
 
 COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (210, 30, 20)}

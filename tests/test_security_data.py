@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 import zoo
 from zoo import cli
 from zoo.core.errors import ZooError
-from zoo.data.dataset import load_image
+from zoo.data.sources import load_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from zoo.data.dataset import ImageData
+    from zoo.data.imagedata import ImageData
 
 DEFAULT_CACHE_MEMORY = 2 * 1024**3
 

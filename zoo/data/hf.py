@@ -21,14 +21,9 @@ import torch
 from torch import Tensor
 
 from zoo.core.errors import ZooError
-from zoo.data.dataset import (
-    ImageData,
-    _as_chw,
-    _DatasetSource,
-    _shown,
-    _SplitFiles,
-    _stratified_split,
-)
+from zoo.data.imagedata import ImageData
+from zoo.data.sources import _as_chw, _DatasetSource, _shown
+from zoo.data.splits import _SplitFiles, _stratified_split
 
 INSTALL = "pip install 'zoo[hf-datasets]' (or pip install datasets)"
 # Which DatasetDict split serves each zoo split, in order of preference.

@@ -22,7 +22,7 @@ from torch import Tensor
 from zoo.core.errors import ZooError
 
 if TYPE_CHECKING:
-    from zoo.data.dataset import ImageData
+    from zoo.data.imagedata import ImageData
 
 __all__ = [
     "BatchTransform",
