@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from zoo.core.errors import ZooError
-from zoo.data.dataset import _as_chw, load_image
+from zoo.data.sources import _as_chw, load_image
 from zoo.data.transforms import BatchTransform, transform_from_config
 
 __all__ = ["embed", "load_model", "predict", "save_embeddings"]
@@ -27,17 +27,12 @@ EMBEDDING_FORMATS = (".npy", ".safetensors")
 
 def load_model(target: nn.Module | str | os.PathLike[str]) -> nn.Module:
     """A model as given, or loaded from a checkpoint folder, ``hf-hub:REPO`` or ``OWNER/NAME``
-    on the Hub."""
+    on the Hub (``zoo.persist.hub.from_pretrained``, which tells them apart)."""
     if isinstance(target, nn.Module):
         return target
-    text = os.fspath(target)
-    if text.startswith("hf-hub:") or (not Path(text).exists() and text.count("/") == 1):
-        from zoo.persist.hub import from_pretrained
+    from zoo.persist.hub import from_pretrained
 
-        return from_pretrained(text)
-    from zoo.persist.checkpoint import load_checkpoint
-
-    return load_checkpoint(text)
+    return from_pretrained(os.fspath(target))
 
 
 def _config(model: nn.Module) -> dict[str, Any]:
@@ -88,7 +83,7 @@ def _inputs(images: Any, transform: BatchTransform, batch_size: int,
 
 def _device(model: nn.Module, device: str | torch.device | None) -> torch.device:
     if device is not None:
-        from zoo.training.runner import resolve_device
+        from zoo.training.device import resolve_device
 
         return resolve_device(device)
     param = next(model.parameters(), None)

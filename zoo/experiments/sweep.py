@@ -45,7 +45,7 @@ from zoo.experiments.analysis import SCRATCH
 from zoo.experiments.measure import PeakMemory
 from zoo.experiments.report import ComparisonResult, write_report
 from zoo.models.strategy import make_strategy, plan
-from zoo.persist.checkpoint import MODEL_FILE
+from zoo.persist.folder import MODEL_FILE
 from zoo.plugins.registry import canonical_backbone_name, get_backbone, get_strategy
 from zoo.training.callbacks import Callback
 from zoo.training.device import resolve_device

@@ -26,7 +26,7 @@ from zoo.core.spec import Backbone
 from zoo.data.dataset import load_data
 from zoo.data.imagedata import ImageData
 from zoo.data.transforms import BatchTransform, prepare_inputs
-from zoo.models.build import create_model, replace_head, transforms_for
+from zoo.models.build import model_for_task, transforms_for
 from zoo.models.groups import FreezeState
 from zoo.models.strategy import FreezeStrategy, make_strategy
 from zoo.plugins.registry import get_backbone
@@ -86,12 +86,7 @@ def _model(spec: Backbone, strat: FreezeStrategy, classes: int, model: nn.Module
     """A private model (a copy of ``model``, or built as finetune builds one) and its
     eval-geometry transform (no augmentation: the test measures the loss surface)."""
     base = weights if strat.pretrained else None
-    if model is not None:
-        net = copy.deepcopy(model)
-    else:
-        net = create_model(spec, num_classes=classes, weights=base)
-        if net.zoo_weights is not None:
-            replace_head(net, spec.head, classes, force=True)
+    net = copy.deepcopy(model) if model is not None else model_for_task(spec, classes, base)
     if base is None or getattr(net, "zoo_weights", None) is None:
         transform = BatchTransform(spec.input_size, spec.mean, spec.std)
     else:
