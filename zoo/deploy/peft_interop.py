@@ -39,10 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
-from zoo.deploy.export import ExportError
+from zoo.deploy.export import ExportError, _move_into_place
+from zoo.models.build import model_from_config
+from zoo.persist.config import base_is_registered, config_from_model
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -62,8 +65,6 @@ def export_peft(model: nn.Module, out: str | os.PathLike[str], *, overwrite: boo
     ``zoo.create_model(backbone, weights=TAG, num_classes=N)``: the same base weights, with
     a head of the checkpoint's size (PEFT replaces its values).
     """
-    from zoo.persist.config import config_from_model
-
     out = Path(out)
     _check_output_folder(out, overwrite=overwrite)
     config = dict(getattr(model, "zoo_config", None) or config_from_model(model))
@@ -154,9 +155,6 @@ def _modules_to_save(model: nn.Module, config: Mapping[str, Any],
                      adapters: Mapping[str, nn.Module]) -> set[str]:
     """The modules holding tensors that differ from the rebuilt base (the trained head);
     refused when PEFT could not save them exactly."""
-    from zoo.models.build import model_from_config
-    from zoo.persist.config import base_is_registered
-
     if not base_is_registered(config):
         raise ExportError("the model's base is not registered weights of its backbone (random "
                           "or a local file), so nobody could rebuild the base a PEFT adapter "
@@ -218,10 +216,6 @@ def _write_folder(out: Path, tensors: dict[str, torch.Tensor], adapter_config: d
                   zoo_config: dict[str, Any], *, overwrite: bool) -> None:
     """Write both files into a temp folder beside ``out``, then move them into place (the
     weights first): a new ``out`` appears whole; other files in ``out`` are left alone."""
-    from safetensors.torch import save_file
-
-    from zoo.deploy.export import _move_into_place
-
     _check_output_folder(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from zoo.core.errors import CheckpointError, ZooError
@@ -29,6 +30,11 @@ from zoo.deploy.peft_interop import (
     check_peft_layer,
     lora_adapters,
 )
+from zoo.models.build import create_model, replace_head
+from zoo.models.strategy import make_strategy
+from zoo.persist.config import check_checkpoint_kwargs, config_from_model
+from zoo.persist.validate import validate_config, validate_safetensors
+from zoo.plugins.registry import get_backbone
 
 _MAX_CONFIG_BYTES = 1024 * 1024
 MAX_RANK = 1024  # as zoo's LoRA: a rank from a stranger's file must not allocate gigabytes
@@ -68,10 +74,6 @@ def load_peft_adapter(folder: str | os.PathLike[str], base: str | nn.Module | No
 def _read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """adapter_config.json, the tensors and zoo's metadata (empty if none), read without
     following links out of the folder and with the safetensors header checked first."""
-    from safetensors import safe_open
-
-    from zoo.persist.validate import validate_safetensors
-
     if folder.is_symlink() or not folder.is_dir():
         raise CheckpointError(f"{folder} is not a PEFT adapter folder (a folder holding "
                               f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
@@ -124,8 +126,6 @@ def _open_plain(folder: Path, name: str) -> Any:
 
 def _zoo_metadata(text: str | None, where: str) -> dict[str, Any]:
     """The zoo config recorded by ``export_peft``, validated like a config.json."""
-    from zoo.persist.validate import validate_config
-
     if text is None:
         return {}
     try:
@@ -166,10 +166,6 @@ def _lora_settings(config: Mapping[str, Any], folder: Path) -> tuple[int, float]
 def _base_model(base: str | nn.Module | None, weights: str | None, meta: Mapping[str, Any],
                 plain: Mapping[str, torch.Tensor], folder: Path) -> tuple[nn.Module, dict]:
     """The base model the adapter applies to, and its zoo config (from the adapter's)."""
-    from zoo.models.build import create_model, replace_head
-    from zoo.persist.config import check_checkpoint_kwargs, config_from_model
-    from zoo.plugins.registry import get_backbone
-
     if isinstance(base, nn.Module):
         model = base
         name = getattr(model, "zoo_backbone", None) or (
@@ -227,9 +223,6 @@ def _require_module(model: nn.Module, path: str, folder: Path) -> None:
 def _prepare(model: nn.Module, config: Mapping[str, Any], rank: int, alpha: float,
              paths: list[str], folder: Path) -> Any:
     """Add zoo LoRA adapters to exactly ``paths`` (the ``modules`` option)."""
-    from zoo.models.strategy import make_strategy
-    from zoo.plugins.registry import get_backbone
-
     spec = get_backbone(config["backbone"])
     groups = spec.layer_groups(model)
     head = next(g for g in groups if g.name == "head")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -14,6 +15,8 @@ from torch import nn
 from zoo.core.errors import CheckpointError, IncompatibleError, WeightsError, ZooError
 from zoo.core.spec import Backbone, LayerGroup, Weights
 from zoo.plugins.registry import get_backbone
+from zoo.weights.cache import registered_for_path
+from zoo.weights.load import load_state_dict, weights_spec
 
 if TYPE_CHECKING:
     from zoo.data.transforms import BatchTransform
@@ -62,8 +65,6 @@ def create_model(
         model = _build(backbone, num_classes, builder_kwargs)
         model.zoo_weights = None  # type: ignore[assignment]
         return model
-    from zoo.weights.load import load_state_dict, weights_spec
-
     spec = weights_spec(backbone, weights)
     state, sha256 = load_state_dict(backbone, spec)
     model = build_loaded(backbone, spec.num_classes, state, builder_kwargs)
@@ -99,9 +100,8 @@ def model_for_task(backbone: Backbone, num_classes: int,
 
 def _build(backbone: Backbone, num_classes: int | None, kwargs: dict[str, Any]) -> nn.Module:
     if kwargs:
-        from dataclasses import replace
-
-        backbone = replace(backbone, builder_kwargs={**backbone.builder_kwargs, **kwargs})
+        backbone = dataclasses.replace(backbone,
+                                       builder_kwargs={**backbone.builder_kwargs, **kwargs})
     model = backbone.build(num_classes)
     model.zoo_backbone = backbone.name  # type: ignore[assignment]
     return model
@@ -257,9 +257,6 @@ def preprocessing_for(name: str | Backbone, weights: str | Weights | None = "def
     plain = {"input_size": backbone.input_size, "mean": backbone.mean, "std": backbone.std}
     if weights is None or (weights == "default" and backbone.default_weights is None):
         return plain
-    from zoo.weights.cache import registered_for_path
-    from zoo.weights.load import weights_spec
-
     if isinstance(weights, str | os.PathLike) and Path(weights).suffix:
         # A file: the preprocessing of the registered weights it holds (by sha256), if any.
         weights = registered_for_path(backbone, weights)  # type: ignore[assignment]

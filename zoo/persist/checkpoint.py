@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from zoo.core._io import file_sha256, write_text_atomic
@@ -28,6 +29,7 @@ from zoo.core.errors import CheckpointError, UnknownNameError, ZooError
 from zoo.models.build import build_loaded, model_from_config
 from zoo.persist.card import model_card
 from zoo.persist.config import (
+    FORMAT_VERSION,
     add_export_config,
     base_is_registered,
     check_checkpoint_kwargs,
@@ -54,11 +56,10 @@ from zoo.persist.folder import (
     recover,
 )
 from zoo.persist.locks import writer_lock
+from zoo.persist.validate import validate_safetensors
 
 if TYPE_CHECKING:
     from zoo.core.spec import Backbone
-
-FORMAT_VERSION = 1
 
 
 # --------------------------------------------------------------------------- saving
@@ -172,8 +173,6 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path,
     sha256) would change from process to process; sorting it in place makes the same
     tensors give the same file, so a repeated run gives a bitwise identical checkpoint.
     """
-    from safetensors.torch import save_file
-
     save_file(tensors, str(path), metadata=metadata)
     with open(path, "r+b") as handle:
         length = int.from_bytes(handle.read(8), "little")
@@ -227,10 +226,6 @@ def _fd_path(handle: BinaryIO) -> str:
 
 def _read_open_tensors(handle: BinaryIO, path: Path) -> dict[str, torch.Tensor]:
     """Load the open safetensors file after validating its header."""
-    from safetensors.torch import load_file
-
-    from zoo.persist.validate import validate_safetensors
-
     alias = _fd_path(handle)
     try:
         validate_safetensors(alias)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from zoo.core.spec import Backbone
 
+FORMAT_VERSION = 1  # config.json's format_version: the newest this zoo writes and reads
 _DIST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a PyPI distribution name
 
 

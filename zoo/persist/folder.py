@@ -45,6 +45,7 @@ from zoo.persist.locks import (
     writer_alive,
     writer_lock,
 )
+from zoo.persist.validate import validate_config
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -286,8 +287,6 @@ def _open_link(directory: Path, name: str) -> int:
 
 
 def _parse_config(raw: bytes, path: Path) -> dict[str, Any]:
-    from zoo.persist.validate import validate_config
-
     if len(raw) > _MAX_CONFIG_BYTES:
         raise CheckpointError(f"checkpoint is corrupt: {path} is over {_MAX_CONFIG_BYTES} bytes")
     try:

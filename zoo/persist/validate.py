@@ -28,6 +28,7 @@ from zoo.core.arguments import (
     is_plain,
 )
 from zoo.core.errors import CheckpointError
+from zoo.persist.config import FORMAT_VERSION
 
 # Bytes per element of each safetensors dtype.
 DTYPE_SIZES = {
@@ -136,8 +137,6 @@ def validate_config(config: Any, path: Any = "config.json") -> dict[str, Any]:
     Sizes are bounded (``MAX_CLASSES``, ``MAX_INPUT_SIDE``...) so that a small hostile
     config cannot make zoo allocate gigabytes before anything else is checked.
     """
-    from zoo.persist.checkpoint import FORMAT_VERSION
-
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     version = config.get("format_version", 1)

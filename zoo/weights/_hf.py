@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from zoo.core._io import write_text_atomic
 from zoo.core.errors import HubError, WeightsError, ZooError
 from zoo.weights._hub_answers import COMMIT, SHA256, check_answer, printable, unsafe_name
 
@@ -364,8 +365,6 @@ def _remember_revision(cache: Path, repo: str, revision: str | None, commit: str
     offline use finds the files by branch or tag (zoo downloads by the checked commit id)."""
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
-
-    from zoo.core._io import write_text_atomic
 
     name = revision or constants.DEFAULT_REVISION
     ref = cache / repo_folder_name(repo_id=repo, repo_type="model") / "refs" / name

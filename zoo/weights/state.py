@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from zoo.core.errors import WeightsError
 from zoo.core.spec import Backbone, Weights, resolve_callable
@@ -25,8 +26,6 @@ def read_file(path: Path, name: str | None = None) -> Any:
     """
     try:
         if Path(name or path.name).suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             return load_file(path, device="cpu")
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
