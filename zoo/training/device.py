@@ -20,7 +20,7 @@ from torch import nn
 from zoo.core.errors import ZooError
 
 if TYPE_CHECKING:
-    from zoo.data.dataset import ImageData
+    from zoo.data.imagedata import ImageData
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -25,7 +25,7 @@ from zoo.models.groups import SplitModel, eval_mode
 from zoo.training.device import DeviceContext
 
 if TYPE_CHECKING:
-    from zoo.data.dataset import ImageData
+    from zoo.data.imagedata import ImageData
 
 
 class ModelInput:

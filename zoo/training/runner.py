@@ -19,8 +19,9 @@ from torch import nn
 
 from zoo.core.errors import ZooError
 from zoo.core.spec import Backbone, LayerGroup, Stage
-from zoo.data.dataset import ImageData, load_data
+from zoo.data.dataset import load_data
 from zoo.data.hf import is_dataset_dict
+from zoo.data.imagedata import ImageData
 from zoo.data.transforms import BatchTransform, prepare_inputs
 from zoo.models.build import model_for_task, transforms_for
 from zoo.models.strategy import FreezeStrategy, make_strategy

@@ -30,18 +30,28 @@ from torch import nn
 
 from zoo.core.errors import IncompatibleError, ZooError
 from zoo.core.spec import Backbone, LayerGroup, resolve_callable
-from zoo.data.dataset import ImageData
+from zoo.data.imagedata import ImageData
 from zoo.data.transforms import BatchTransform
 from zoo.models.build import count_parameters
 from zoo.models.groups import FreezeState, SplitModel, changing_tensors, eval_mode, frozen_prefix
 from zoo.models.strategy import FreezeStrategy, Plan, plans_for
 from zoo.training.best import BestEpoch
-from zoo.training.callbacks import Callback, History, NanGuard, ProgressBar, ResumeState, Run
+from zoo.training.callbacks import (
+    Callback,
+    History,
+    NanGuard,
+    ProgressBar,
+    ResumeState,
+    Run,
+    check_finite,
+)
 from zoo.training.config import FinetuneConfig
 from zoo.training.device import Batches, DeviceContext, gather, input_workers
 from zoo.training.evaluate import Tally, evaluation_loop, same_classes
 from zoo.training.features import ModelInput, PrefixFeatures, choose_store
+from zoo.training.loggers import default_loggers
 from zoo.training.optim import make_optimizer, make_schedulers, step_parts
+from zoo.training.runfile import write_run_file
 
 
 @dataclass
@@ -160,8 +170,6 @@ class Trainer:
     def _callbacks(self) -> list[Callback]:
         """The trainer's own callbacks, in the order they must run, then the user's and the
         loggers (rank 0 only)."""
-        from zoo.training.loggers import default_loggers
-
         config, main = self.config, self.device.main
         own: list[Callback] = [NanGuard(self.out, config.lr), History(), self.keeper,
                                self.resume]
@@ -368,9 +376,7 @@ class Trainer:
 
     def save(self, metrics: dict[str, Any]) -> Path:
         """The checkpoint and ``run.yaml`` in the output folder; never nan weights."""
-        from zoo.persist.checkpoint import save_checkpoint
-        from zoo.training.callbacks import check_finite
-        from zoo.training.runfile import write_run_file
+        from zoo.persist.checkpoint import save_checkpoint  # safetensors: only when saving
 
         assert self.out is not None
         model, run = self.task.model, self.run
