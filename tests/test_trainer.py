@@ -318,6 +318,27 @@ def test_on_batch_end_is_called_once_per_batch(tiny: zoo.Backbone, digits: Calla
     assert events.histories == [1, 2] and len(result.history) == 2
 
 
+class FourHooks:
+    """A callback written before on_batch_end existed, not a zoo.Callback subclass."""
+
+    def __init__(self) -> None:
+        self.ends: list[int] = []
+
+    def on_train_start(self, run: Run) -> None: ...
+    def on_epoch_start(self, run: Run, epoch: int) -> None: ...
+    def on_train_end(self, run: Run, result: Any) -> None: ...
+
+    def on_epoch_end(self, run: Run, epoch: int, record: dict[str, Any]) -> None:
+        self.ends.append(epoch)
+
+
+def test_a_callback_with_only_the_original_hooks_still_works(tiny: zoo.Backbone,
+                                                            digits: Callable) -> None:
+    old = FourHooks()
+    train_tiny(digits(2), epochs=2, callbacks=[old])
+    assert old.ends == [0, 1]
+
+
 class Tty(io.StringIO):
     def isatty(self) -> bool:
         return True

@@ -179,9 +179,12 @@ class Trainer:
         return [*own, *config.callbacks, *loggers]
 
     def call(self, hook: str, *args: Any) -> None:
-        """Call ``hook`` on every callback, in order."""
+        """Call ``hook`` on every callback, in order (a callback that is not a
+        ``zoo.Callback`` may lack the newer hooks: it is skipped for those)."""
         for callback in self.callbacks:
-            getattr(callback, hook)(self.run, *args)
+            method = getattr(callback, hook, None)
+            if method is not None:
+                method(self.run, *args)
 
     # ----------------------------------------------------------------------- the loop
 
