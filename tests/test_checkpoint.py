@@ -21,7 +21,9 @@ from safetensors.torch import load_file
 
 import zoo
 from zoo.core.errors import CheckpointError
+from zoo.models.strategy import make_strategy
 from zoo.persist import checkpoint as ckpt
+from zoo.persist.config import config_from_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -231,6 +233,23 @@ def test_merged_lora_checkpoint_holds_no_adapter_tensors(base: str, train_data: 
     loaded = zoo.load_checkpoint(result.checkpoint)
     assert not any("lora" in k for k in loaded.state_dict())
     assert_same_model(result.model, loaded)
+
+
+def test_lora_model_with_a_shape_changing_builder_argument_saves_and_reloads(
+        tmp_path: Path) -> None:
+    """The base a checkpoint is checked against is built with its builder_kwargs, also on the
+    meta device (``model_from_config``): a LoRA ViT built with ``img_size=64`` has a larger
+    ``pos_embed`` than the default, and saving it once failed ("does not rebuild")."""
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = zoo.create_model("timm/test_vit", num_classes=3, img_size=64)
+    config = {**config_from_model(model), "builder_kwargs": {"img_size": 64}}
+    lora = make_strategy("lora", {"rank": 2})
+    model = lora.prepare(model, zoo.get_backbone("timm/test_vit").layer_groups(model))
+    saved = zoo.save_checkpoint(model, tmp_path / "vit", strategy=lora, config=config)
+    loaded = zoo.load_checkpoint(saved)
+    assert loaded.state_dict()["pos_embed"].shape == model.state_dict()["pos_embed"].shape
+    assert_same_model(model, loaded, size=64)
 
 
 # --------------------------------------------------------------------------- damaged files
