@@ -150,8 +150,8 @@ def _head(model: nn.Module) -> nn.Module:
 def _prefix(model: nn.Module, at: str) -> Any:
     """The forward function from the input to the output of layer group ``at``."""
     from zoo.core.spec import resolve_callable
+    from zoo.models.groups import compose
     from zoo.plugins.registry import get_backbone
-    from zoo.training.runner import _compose
 
     spec = get_backbone(_config(model)["backbone"])
     if not spec.stages:
@@ -162,7 +162,7 @@ def _prefix(model: nn.Module, at: str) -> Any:
     if at not in ends:
         raise ZooError(f"cannot cut {spec.name} after group {at!r}; embed(at=...) takes one of "
                        f"{', '.join(ends[:-1])} (or None for the head's input)")
-    return _compose(stages[:ends.index(at) + 1])
+    return compose(stages[:ends.index(at) + 1])
 
 
 @torch.no_grad()

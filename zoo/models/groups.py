@@ -104,7 +104,8 @@ def eval_mode(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> I
             module.training = flag
 
 
-def _compose(stages: Sequence[Stage]) -> Callable[[torch.Tensor], torch.Tensor]:
+def compose(stages: Sequence[Stage]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One forward function running ``stages`` in order (a model's prefix or rest)."""
     def forward(x: torch.Tensor) -> torch.Tensor:
         for stage in stages:
             x = stage.forward(x)
@@ -128,8 +129,8 @@ class SplitModel(nn.Module):
             self.prefix = None
             self.rest = model
         else:
-            self.prefix = _compose(stages[:cut]) if cut else None
-            self.rest = _compose(stages[cut:])
+            self.prefix = compose(stages[:cut]) if cut else None
+            self.rest = compose(stages[cut:])
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen prefix's output: no autograd, every module it runs in eval mode."""

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from zoo.core.errors import ZooError
-from zoo.core.spec import Backbone, LayerGroup, Stage
+from zoo.core.spec import Backbone, LayerGroup
 from zoo.data.dataset import load_data
 from zoo.data.hf import is_dataset_dict
 from zoo.data.imagedata import ImageData
@@ -240,11 +240,3 @@ def _batch_mixer(transform: BatchTransform, classes: int, label_smoothing: float
                        "before the frozen prefix); drop cache_views or use augment='standard'")
     return mixer
 
-
-def _compose(stages: Sequence[Stage]) -> Callable[[torch.Tensor], torch.Tensor]:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        for stage in stages:
-            x = stage.forward(x)
-        return x
-
-    return forward
