@@ -17,10 +17,13 @@ from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from zoo.core._io import atomic_write
 from zoo.core.errors import ZooError
 from zoo.core.spec import Backbone
 from zoo.models.strategy import FreezeStrategy, Plan
+from zoo.persist.folder import claim_output_dir
 
 if TYPE_CHECKING:
     from zoo.training.best import BestEpoch
@@ -88,8 +91,6 @@ def is_terminal(stream: IO[str] | None = None) -> bool:
 def progress_bar(total: int, desc: str, stream: IO[str] | None = None,
                  quiet: bool = False) -> Any:
     """A tqdm bar on a terminal; disabled in a log file (no carriage-return frames)."""
-    from tqdm.auto import tqdm
-
     stream = sys.stderr if stream is None else stream
     return tqdm(total=total, desc=desc, file=stream, leave=False, unit="batch",
                 disable=quiet or not is_terminal(stream))
@@ -198,9 +199,6 @@ class ResumeState(Callback):
 
     def save(self, run: Run, epoch: int) -> None:
         """Write the state after ``epoch`` (0-based)."""
-        from zoo.core._io import atomic_write
-        from zoo.persist.folder import claim_output_dir
-
         assert self.out is not None
         claim_output_dir(self.out)  # marks the folder as a zoo run, for check_output_dir
         state = {

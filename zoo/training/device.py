@@ -15,7 +15,9 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from zoo.core.errors import ZooError
 
@@ -46,8 +48,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def distributed() -> tuple[int, int]:
     """``(rank, world size)``; under ``torchrun`` (WORLD_SIZE > 1) the process group is
     started first (NCCL on GPUs, else gloo)."""
-    import torch.distributed as dist
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
     if not dist.is_initialized():
@@ -72,8 +72,6 @@ def all_reduce_sums(values: Sequence[float], world: int, dev: torch.device) -> l
     """The sums of ``values`` over all ranks (float64, one collective); as-is without DDP."""
     if world <= 1:
         return [float(v) for v in values]
-    import torch.distributed as dist
-
     totals = torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev)
     dist.all_reduce(totals)
     return totals.tolist()
@@ -84,8 +82,6 @@ def sync_buffers(model: nn.Module, world: int) -> None:
     forward: after an epoch each rank's last batch moved its own copy."""
     if world <= 1:
         return
-    import torch.distributed as dist
-
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
 
@@ -156,8 +152,6 @@ class DeviceContext:
     def wrap(self, module: nn.Module) -> nn.Module:
         """``module`` as it trains: in DDP under torchrun, compiled when asked."""
         if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
             dev = self.device
             ids = [dev.index] if dev.type == "cuda" else None
             module = DistributedDataParallel(module, device_ids=ids)
@@ -180,8 +174,6 @@ class DeviceContext:
     def barrier(self) -> None:
         """Wait for every rank (under DDP)."""
         if self.world > 1:
-            import torch.distributed as dist
-
             dist.barrier()
 
 

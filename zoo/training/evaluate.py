@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from zoo.core._io import atomic_write, write_json_atomic
 from zoo.core.errors import ZooError
 from zoo.data.dataset import load_data
 from zoo.data.imagedata import ImageData
@@ -346,8 +348,6 @@ def write_evaluation(directory: str | os.PathLike[str], result: dict[str, Any],
     """Write ``evaluation.json`` and (up to ``MAX_DENSE_CLASSES`` classes)
     ``confusion_matrix.png`` into a folder ``check_evaluation_dir`` accepts, each atomically;
     returns the files written."""
-    from zoo.core._io import write_json_atomic
-
     path = check_evaluation_dir(directory)
     path.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path / EVALUATION_JSON,
@@ -363,11 +363,8 @@ def write_evaluation(directory: str | os.PathLike[str], result: dict[str, Any],
 def plot_confusion(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Draw ``result``'s confusion matrix as a PNG (rows: true class, columns: predicted),
     class names on the axes and, for small matrices, the counts in the cells."""
-    import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from zoo.core._io import atomic_write
+    from matplotlib.figure import Figure  # lazy: matplotlib takes ~0.4 s, only for the plot
 
     matrix = np.asarray(result["confusion_matrix"], dtype=np.int64)
     n = len(matrix)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from zoo.core._io import write_text_atomic
 from zoo.core.errors import PluginError, UnknownNameError, ZooError
 from zoo.plugins.registry import call_each, claim
 from zoo.training.callbacks import Callback, Run
@@ -46,8 +47,6 @@ class CsvLogger(Callback):
         self.path = Path(output_dir) / METRICS_FILE
 
     def on_epoch_end(self, run: Run, epoch: int, record: dict[str, Any]) -> None:
-        from zoo.core._io import write_text_atomic
-
         rows = [flatten(r) for r in run.history]
         columns = list(dict.fromkeys(k for row in rows for k in row))
         buffer = io.StringIO()
@@ -62,7 +61,7 @@ class TensorBoardLogger(Callback):
 
     def __init__(self, output_dir: str | Path) -> None:
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional: zoo[tensorboard]
         except ImportError:
             raise ZooError("TensorBoard logging needs the tensorboard package: "
                            "pip install 'zoo[tensorboard]'") from None

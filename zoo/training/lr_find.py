@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from zoo.core._io import atomic_write
 from zoo.core.errors import ZooError
 from zoo.core.spec import Backbone
 from zoo.data.dataset import load_data
@@ -175,9 +176,7 @@ def suggest(lrs: list[float], losses: list[float]) -> tuple[float, float]:
 def plot(lrs: list[float], losses: list[float], suggestion: float, path: Path) -> Path:
     """Write loss against rate (log axis), the suggestion marked, as a PNG (atomically)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from zoo.core._io import atomic_write
+    from matplotlib.figure import Figure  # lazy: matplotlib takes ~0.4 s, only for the plot
 
     figure = Figure(figsize=(6, 4))
     FigureCanvasAgg(figure)

@@ -15,11 +15,15 @@ import json
 import math
 import os
 import re
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from zoo.core._io import write_text_atomic
+from zoo.core.arguments import check_arguments
 from zoo.core.errors import ZooError
+from zoo.persist.folder import claim_output_dir
 
 MAX_RUN_FILE_BYTES = 1024 * 1024
 RUN_FILE = "run.yaml"  # what a run with an output folder writes beside its checkpoint
@@ -31,7 +35,7 @@ HEADER = "# zoo run settings: replay with `zoo finetune --config FILE` or\n" \
 
 def run_keys() -> list[str]:
     """The settings a run file may hold: ``finetune``'s parameters."""
-    from zoo.training.runner import finetune
+    from zoo.training.runner import finetune  # late: zoo.training.runner imports this module
 
     return list(inspect.signature(finetune).parameters)
 
@@ -71,8 +75,6 @@ def check_keys(settings: Mapping[str, Any], source: str = "run settings") -> Non
 def write_run(path: str | os.PathLike[str], settings: Mapping[str, Any]) -> Path:
     """Write ``settings`` (``finetune`` keyword arguments) to ``path`` atomically: JSON for a
     ``.json`` file, TOML for ``.toml``, else YAML."""
-    from zoo.core._io import write_text_atomic
-
     check_keys(settings)
     data = {key: _plain(value, key) for key, value in settings.items()}
     suffix = Path(path).suffix.lower()
@@ -82,7 +84,7 @@ def write_run(path: str | os.PathLike[str], settings: Mapping[str, Any]) -> Path
         text = HEADER + _toml(data)
     else:
         try:
-            import yaml
+            import yaml  # optional: without PyYAML, JSON
 
             text = HEADER + yaml.safe_dump(data, sort_keys=False, default_flow_style=False,
                                            allow_unicode=True)
@@ -96,8 +98,6 @@ def write_run_file(out: Path, values: Mapping[str, Any]) -> None:
     """``run.yaml`` in run folder ``out``: every ``finetune`` setting in ``values`` a file can
     hold (names, numbers, paths); Python objects (tensors, callables, Datasets) are left
     out, and so are the settings that only say where the run goes."""
-    from zoo.persist.folder import claim_output_dir
-
     settings = {}
     for key in run_keys():
         if key in _NOT_IN_RUN_FILE or key not in values:
@@ -113,7 +113,7 @@ def write_run_file(out: Path, values: Mapping[str, Any]) -> None:
 def _toml(data: Mapping[str, Any]) -> str:
     """Plain settings as TOML lines. TOML has no null: a None setting is left out when None
     is its ``finetune`` default, and refused otherwise (it would load as the default)."""
-    from zoo.training.runner import finetune
+    from zoo.training.runner import finetune  # late: zoo.training.runner imports this module
 
     defaults = {name: p.default for name, p in inspect.signature(finetune).parameters.items()}
     lines = []
@@ -148,8 +148,6 @@ def _toml_value(value: Any, where: str) -> str:
 def load_run(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``finetune`` keyword arguments saved in run file ``path``, checked: a mapping of
     known settings whose values pass ``finetune``'s argument rules."""
-    from zoo.core.arguments import check_arguments
-
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -180,14 +178,12 @@ def _parse(text: str, path: Path) -> Any:
             raise ZooError(f"{path} is not valid JSON (line {exc.lineno}); fix the file"
                            ) from None
     if path.suffix.lower() == ".toml":
-        import tomllib
-
         try:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ZooError(f"{path} is not valid TOML ({exc}); fix the file") from None
     try:
-        import yaml
+        import yaml  # optional: without PyYAML, JSON
     except ImportError:
         body = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
         try:

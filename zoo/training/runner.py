@@ -19,12 +19,15 @@ from torch import nn
 
 from zoo.core.errors import ZooError
 from zoo.core.spec import Backbone, LayerGroup
+from zoo.data.augment import AugmentTransform
 from zoo.data.dataset import load_data
 from zoo.data.hf import is_dataset_dict
 from zoo.data.imagedata import ImageData
 from zoo.data.transforms import BatchTransform, prepare_inputs
 from zoo.models.build import model_for_task, transforms_for
 from zoo.models.strategy import FreezeStrategy, make_strategy
+from zoo.persist.config import check_checkpoint_kwargs
+from zoo.persist.folder import check_output_dir
 from zoo.plugins.registry import get_backbone
 from zoo.training.config import FinetuneConfig
 from zoo.training.device import DeviceContext
@@ -115,9 +118,6 @@ def check_destination(config: FinetuneConfig) -> tuple[Backbone, FreezeStrategy]
     spec = get_backbone(config.backbone) if isinstance(config.backbone, str) \
         else config.backbone
     if config.output_dir is not None:
-        from zoo.persist.config import check_checkpoint_kwargs
-        from zoo.persist.folder import check_output_dir
-
         check_output_dir(config.output_dir, overwrite=config.overwrite, resume=config.resume)
         check_checkpoint_kwargs(spec, config.builder_kwargs or {},
                                 f"cannot save to {config.output_dir}")
@@ -223,8 +223,6 @@ def _transform(spec: Backbone, weights: Any, augment: Any, model: nn.Module) -> 
         base = transforms_for(spec, weights, augment=flag)
     if plain:
         return base
-    from zoo.data.augment import AugmentTransform
-
     return AugmentTransform.wrap(base, augment)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from zoo.core import __version__
 from zoo.core.errors import IncompatibleError, ZooError
 from zoo.core.spec import Backbone, LayerGroup, resolve_callable
 from zoo.data.imagedata import ImageData
@@ -35,6 +36,7 @@ from zoo.data.transforms import BatchTransform
 from zoo.models.build import count_parameters
 from zoo.models.groups import FreezeState, SplitModel, changing_tensors, eval_mode, frozen_prefix
 from zoo.models.strategy import FreezeStrategy, Plan, plans_for
+from zoo.persist.checkpoint import save_checkpoint
 from zoo.training.best import BestEpoch
 from zoo.training.callbacks import (
     Callback,
@@ -379,8 +381,6 @@ class Trainer:
 
     def save(self, metrics: dict[str, Any]) -> Path:
         """The checkpoint and ``run.yaml`` in the output folder; never nan weights."""
-        from zoo.persist.checkpoint import save_checkpoint  # safetensors: only when saving
-
         assert self.out is not None
         model, run = self.task.model, self.run
         check_finite(model, len(run.history) - 1, {}, self.out, self.config.lr)
@@ -395,8 +395,6 @@ class Trainer:
 def run_config(task: Task, config: FinetuneConfig, keep: str) -> dict[str, Any]:
     """The model's ``zoo_config``: what a checkpoint records about the run (backbone,
     weights, classes, strategy, preprocessing, data, training settings)."""
-    from zoo.core import __version__
-
     transform, data = task.transform, task.train_data
     scheduler = config.scheduler if isinstance(config.scheduler, str | None) else "custom"
     training = dict(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
