@@ -27,7 +27,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from zoo.core import __version__
 from zoo.core.errors import ZooError
+from zoo.models.build import transforms_for
+from zoo.persist.config import config_from_model
+from zoo.persist.hub import from_pretrained
+from zoo.plugins.registry import get_backbone
 from zoo.weights._hf import HUB_PREFIX
 
 FORMATS = ("onnx", "torchscript", "peft")
@@ -58,7 +63,7 @@ def export(model: nn.Module | str | os.PathLike[str], format: str = "onnx",
     out = Path(out)
     model = _as_model(model)
     if format == "peft":
-        from zoo.deploy.peft_interop import export_peft
+        from zoo.deploy.peft_interop import export_peft  # late: peft_interop imports this module
 
         return export_peft(model, out, overwrite=overwrite)
     check_output_file(out, overwrite=overwrite)
@@ -77,16 +82,11 @@ def _as_model(target: nn.Module | str | os.PathLike[str]) -> nn.Module:
     if not hub and (not isinstance(target, str | os.PathLike) or not Path(target).is_dir()):
         raise ExportError(f"{str(target)[:200]!r} is neither a model nor a checkpoint folder: "
                           "pass an nn.Module built by zoo or a checkpoint directory")
-    from zoo.persist.hub import from_pretrained
-
     return from_pretrained(target)
 
 
 def export_metadata(model: nn.Module) -> dict[str, Any]:
     """What an exported model needs beside its graph: preprocessing and class names."""
-    from zoo.core import __version__
-    from zoo.persist.config import config_from_model
-
     config = getattr(model, "zoo_config", None) or config_from_model(model)
     pre = dict(config.get("preprocessing") or {})
     if "crop_pct" not in pre or "interpolation" not in pre:
@@ -111,9 +111,6 @@ def export_metadata(model: nn.Module) -> dict[str, Any]:
 
 def _weights_preprocessing(config: Mapping[str, Any]) -> dict[str, Any]:
     """crop_pct and interpolation of the checkpoint's registered weights (else a plain crop)."""
-    from zoo.models.build import transforms_for
-    from zoo.plugins.registry import get_backbone
-
     spec = get_backbone(config["backbone"])
     tag = (config.get("weights") or {}).get("tag")
     if tag not in {w.tag for w in spec.weights}:
@@ -124,8 +121,6 @@ def _weights_preprocessing(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _weights_categories(config: Mapping[str, Any], num_classes: int) -> list[str] | None:
     """The class names of the registered weights, when the head still predicts them."""
-    from zoo.plugins.registry import get_backbone
-
     tag = (config.get("weights") or {}).get("tag")
     spec = get_backbone(config["backbone"])
     found = [w for w in spec.weights if w.tag == tag]
@@ -164,7 +159,7 @@ def _check_close(exported: torch.Tensor, model: nn.Module, x: torch.Tensor, what
 def _onnx_bytes(model: nn.Module, meta: Mapping[str, Any]) -> bytes:
     """The ONNX file (torch.onnx's dynamo exporter), batch size dynamic, metadata attached."""
     try:
-        import onnx
+        import onnx  # optional: zoo[export]
         import onnxscript  # noqa: F401  (the exporter needs it)
     except ImportError:
         raise ExportError("ONNX export needs onnx and onnxscript: pip install 'zoo[export]'") \
@@ -203,7 +198,7 @@ def onnx_metadata(meta: Mapping[str, Any]) -> dict[str, str]:
 def _check_onnx(data: bytes, model: nn.Module, meta: Mapping[str, Any]) -> None:
     """Run the ONNX file in onnxruntime (when installed) on a batch of 3 and compare."""
     try:
-        import onnxruntime
+        import onnxruntime  # optional: checked only when installed
     except ImportError:
         return
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])

@@ -14,11 +14,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from zoo.core._io import atomic_write
 from zoo.core.errors import ZooError
+from zoo.core.spec import resolve_callable
 from zoo.data.sources import _as_chw, load_image
 from zoo.data.transforms import BatchTransform, transform_from_config
+from zoo.models.groups import compose
+from zoo.persist.hub import from_pretrained
+from zoo.plugins.registry import get_backbone
+from zoo.training.device import resolve_device
 
 __all__ = ["embed", "load_model", "predict", "save_embeddings"]
 
@@ -30,8 +37,6 @@ def load_model(target: nn.Module | str | os.PathLike[str]) -> nn.Module:
     on the Hub (``zoo.persist.hub.from_pretrained``, which tells them apart)."""
     if isinstance(target, nn.Module):
         return target
-    from zoo.persist.hub import from_pretrained
-
     return from_pretrained(os.fspath(target))
 
 
@@ -83,8 +88,6 @@ def _inputs(images: Any, transform: BatchTransform, batch_size: int,
 
 def _device(model: nn.Module, device: str | torch.device | None) -> torch.device:
     if device is not None:
-        from zoo.training.device import resolve_device
-
         return resolve_device(device)
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
@@ -137,8 +140,6 @@ def predict_indexed(model: nn.Module | str | os.PathLike[str], images: Any, *, t
 
 
 def _head(model: nn.Module) -> nn.Module:
-    from zoo.plugins.registry import get_backbone
-
     spec = get_backbone(_config(model)["backbone"])
     try:
         return model.get_submodule(spec.head)
@@ -149,10 +150,6 @@ def _head(model: nn.Module) -> nn.Module:
 
 def _prefix(model: nn.Module, at: str) -> Any:
     """The forward function from the input to the output of layer group ``at``."""
-    from zoo.core.spec import resolve_callable
-    from zoo.models.groups import compose
-    from zoo.plugins.registry import get_backbone
-
     spec = get_backbone(_config(model)["backbone"])
     if not spec.stages:
         raise ZooError(f"backbone {spec.name} declares no stages, so embed(at=...) cannot cut "
@@ -215,16 +212,12 @@ def save_embeddings(embeddings: Tensor, path: str | os.PathLike[str], *,
                     overwrite: bool = False, metadata: dict[str, str] | None = None) -> Path:
     """Write embeddings to ``.npy`` or ``.safetensors`` (tensor ``"embeddings"``)
     atomically; an existing file is replaced only with ``overwrite``."""
-    from zoo.core._io import atomic_write
-
     out = check_embedding_path(path, overwrite)
     array = embeddings.detach().cpu().contiguous()
     with atomic_write(out) as handle:
         if out.suffix.lower() == ".npy":
             np.save(handle, array.numpy(), allow_pickle=False)
         else:
-            from safetensors.torch import save
-
-            handle.write(save({"embeddings": array}, metadata=dict(sorted(
+            handle.write(safetensors_bytes({"embeddings": array}, metadata=dict(sorted(
                 (metadata or {}).items()))))
     return out
