@@ -62,6 +62,7 @@ def test_registration_does_not_import_torch() -> None:
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "vit_b_16"])
+@pytest.mark.slow
 def test_torchvision_state_dict_loads_strictly(name: str) -> None:
     torch.manual_seed(0)
     reference = torchvision.models.get_model(name).eval()
@@ -119,6 +120,7 @@ def _check_stages(model: nn.Module, stages_fn: object, x: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
+@pytest.mark.slow
 def test_stages_compose_to_the_model(name: str) -> None:
     spec = SPECS[name]
     builder = resolve_callable(spec.builder)
@@ -183,6 +185,7 @@ def test_convert_checkpoint_formats_and_errors() -> None:
 
 
 @needs_data
+@pytest.mark.slow
 def test_cifar_resnet_checkpoints_and_accuracy() -> None:
     from PIL import Image
     from torchvision.transforms import v2

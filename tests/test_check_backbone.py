@@ -41,6 +41,7 @@ def _builtins() -> list[str]:
 
 
 @pytest.mark.parametrize("name", _builtins())
+@pytest.mark.slow
 def test_every_builtin_backbone_passes_the_plugin_checks(name: str) -> None:
     """Issue 16.7: groups cover every parameter once, the head is last, stages compose to
     model(x), weights here load (Lite0's packaged ones do), transforms match the weights."""
@@ -163,6 +164,7 @@ def _digits() -> dict[str, Any]:
             "image_size": 16, "cache": False}
 
 
+@pytest.mark.slow
 def test_a_callable_selector_makes_a_norm_only_strategy(tiny: zoo.Backbone,
                                                         strategy_plugin: None) -> None:
     """Issue 16.7: ``GroupPlan.only`` takes a callable parameter selector."""

@@ -80,6 +80,7 @@ def edit_config(directory: Path, change: Callable[[dict[str, Any]], None]) -> No
 
 
 @pytest.mark.parametrize("kind", ["full", "delta"])
+@pytest.mark.slow
 def test_checkpoint_reloads_to_identical_outputs(kind: str, base: str, train_data: Any,
                                                  tmp_path: Path) -> None:
     result = train(base, "partial", train_data, tmp_path / "run", kind=kind,
@@ -119,6 +120,7 @@ def test_delta_holds_only_what_training_changed(base: str, train_data: Any,
                      if not k.startswith(("conv1.", "bn1.", "layer1."))}
 
 
+@pytest.mark.slow
 def test_delta_for_linear_probe_on_resnet50_is_under_one_percent_of_full(
         pretrained: Callable[..., str], tmp_path: Path) -> None:
     name = pretrained("resnet50")
@@ -209,6 +211,7 @@ def test_delta_whose_base_file_changed_is_refused(declared: bool, train_data: An
 # --------------------------------------------------------------------------- LoRA
 
 
+@pytest.mark.slow
 def test_unmerged_lora_checkpoint_holds_only_adapters_and_head(base: str, train_data: Any,
                                                               tmp_path: Path) -> None:
     result = train(base, "lora", train_data, tmp_path / "run", options={"rank": 2})
@@ -235,6 +238,7 @@ def test_merged_lora_checkpoint_holds_no_adapter_tensors(base: str, train_data: 
     assert_same_model(result.model, loaded)
 
 
+@pytest.mark.slow
 def test_lora_model_with_a_shape_changing_builder_argument_saves_and_reloads(
         tmp_path: Path) -> None:
     """The base a checkpoint is checked against is built with its builder_kwargs, also on the

@@ -70,6 +70,7 @@ def number(cell: str) -> float:
 # --------------------------------------------------------------------------- the sweep
 
 
+@pytest.mark.slow
 def test_sweep_writes_every_file_and_keeps_each_checkpoint(sweep):
     result, out = sweep
     assert result.output_dir == out
@@ -85,6 +86,7 @@ def test_sweep_writes_every_file_and_keeps_each_checkpoint(sweep):
     assert not list(out.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_records_hold_the_measurements(sweep):
     result, _ = sweep
     pairs = {(r["backbone"], r["strategy"]) for r in result.records}
@@ -108,6 +110,7 @@ def test_records_hold_the_measurements(sweep):
     assert {"cpu", "cpu_cores_logical", "torch", "cuda"} <= set(data["machine"])
 
 
+@pytest.mark.slow
 def test_report_table_lists_every_run_marks_scratch_and_equals_results_json(sweep):
     result, _ = sweep
     data = json.loads(result.json_path.read_text())
@@ -138,6 +141,7 @@ def test_report_table_lists_every_run_marks_scratch_and_equals_results_json(swee
                .splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_terminal_table_is_aligned_and_complete(sweep):
     result, _ = sweep
     text = format_table(result)
@@ -150,6 +154,7 @@ def test_terminal_table_is_aligned_and_complete(sweep):
     assert text.count("(baseline)") == 2
 
 
+@pytest.mark.slow
 def test_summary_names_a_winner_and_compares_it_with_scratch(sweep):
     result, _ = sweep
     text = result.report_path.read_text()
@@ -164,6 +169,7 @@ def test_summary_names_a_winner_and_compares_it_with_scratch(sweep):
     assert lines[0].startswith("Chance level")
 
 
+@pytest.mark.slow
 def test_plots_are_valid_pngs(sweep):
     from PIL import Image
 
@@ -176,6 +182,7 @@ def test_plots_are_valid_pngs(sweep):
             assert image.format == "PNG" and min(image.size) > 100
 
 
+@pytest.mark.slow
 def test_results_csv_parses_with_one_row_per_run(sweep):
     result, _ = sweep
     with result.csv_path.open(newline="") as handle:
@@ -190,6 +197,7 @@ def test_results_csv_parses_with_one_row_per_run(sweep):
         assert int(row["checkpoint_bytes"]) == record["checkpoint_bytes"]
 
 
+@pytest.mark.slow
 def test_a_second_call_resumes_without_running_anything_again(sweep, tmp_path, monkeypatch):
     result, out = sweep
     monkeypatch.setenv("ZOO_HOME", str(tmp_path / "home"))
@@ -203,6 +211,7 @@ def test_a_second_call_resumes_without_running_anything_again(sweep, tmp_path, m
     assert again.summary["table"] == result.summary["table"]
 
 
+@pytest.mark.slow
 def test_a_deleted_record_reruns_only_that_run(sweep, tmp_path, monkeypatch):
     _, out = sweep
     monkeypatch.setenv("ZOO_HOME", str(tmp_path / "home"))

@@ -61,6 +61,7 @@ def free_port() -> int:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_train_and_rank0_saves_one_checkpoint(
         tmp_path: Path) -> None:
     script = tmp_path / "train.py"

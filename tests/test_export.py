@@ -107,6 +107,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, An
 
 
 @pytest.mark.parametrize("key", list(MODELS))
+@pytest.mark.slow
 def test_onnx_file_gives_zoos_outputs_in_onnxruntime(exported: dict[str, Any], key: str
                                                      ) -> None:
     """Issue 16.3: the ONNX file run by onnxruntime matches zoo (max abs difference <= 1e-4),
@@ -121,6 +122,7 @@ def test_onnx_file_gives_zoos_outputs_in_onnxruntime(exported: dict[str, Any], k
     assert float((one - item["expected"][:1]).abs().max()) <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_onnx_metadata_says_how_to_feed_the_model(exported: dict[str, Any]) -> None:
     """Issue 16.3: metadata_props hold the input size, mean, std, crop_pct, interpolation and
     class names, each as its own entry and all together as JSON under 'zoo'."""
@@ -139,6 +141,7 @@ def test_onnx_metadata_says_how_to_feed_the_model(exported: dict[str, Any]) -> N
     assert [o.name for o in graph.output] == ["logits"]
 
 
+@pytest.mark.slow
 def test_torchscript_file_gives_zoos_outputs_in_a_fresh_process(
         exported: dict[str, Any], tmp_path: Path) -> None:
     """Issue 16.3: a new Python process that imports only torch loads each TorchScript file,
@@ -185,6 +188,7 @@ def lora_delta(pretrained: Callable[..., str], tmp_path: Path) -> Path:
     return tmp_path / "run"
 
 
+@pytest.mark.slow
 def test_cli_exports_a_lora_delta_checkpoint_merged(lora_delta: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 16.3: 'zoo export DIR' loads a delta checkpoint (its base rebuilt) and writes

@@ -99,6 +99,7 @@ class ValidationLogits(zoo.Callback):
 # --------------------------------------------------------------------------- 13.1
 
 
+@pytest.mark.slow
 def test_predict_gives_the_probabilities_and_accuracy_of_training_and_evaluate(
         tiny_photo_net: str, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -161,6 +162,7 @@ def test_one_factory_builds_the_checkpoint_and_the_weights_transform(
     assert torch.equal(x, ((by_hand - 0.5) / 0.25)[None])
 
 
+@pytest.mark.slow
 def test_a_hub_copy_predicts_what_the_run_validated(
         tiny_photo_net: str, photos: Path, tmp_path: Path) -> None:
     """Issue 13.1: the Hub copy of a checkpoint carries the preprocessing, and applies it:
@@ -298,6 +300,7 @@ def train_on(data: Any, val: Any, **kwargs: Any) -> zoo.FinetuneResult:
                         **options)
 
 
+@pytest.mark.slow
 def test_a_dataset_with_a_random_transform_is_never_cached(
         tiny: zoo.Backbone, digits: Callable[..., Any], capsys: pytest.CaptureFixture) -> None:
     """Issue 13.4: a Dataset that changes between reads is read anew every epoch (no cache

@@ -85,6 +85,7 @@ def check_counts(result: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- by name
 
 
+@pytest.mark.slow
 def test_a_model_that_calls_every_dog_a_cat_scores_zero_on_a_dogs_only_folder(
         tiny: zoo.Backbone, tmp_path: Path) -> None:
     """Issue 13.3: a dogs-only folder labels its dogs 0, the cat/dog model's "cat" index;
@@ -180,6 +181,7 @@ def test_without_names_on_one_side_labels_are_matched_by_index_and_the_result_sa
         zoo.evaluate(bare, three, transform=transform)
 
 
+@pytest.mark.slow
 def test_top5_is_reported_only_for_more_than_five_classes(
         tiny: zoo.Backbone, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 13.3: top-5 of a 2-class model is always 100 %, so it is not reported; a
@@ -200,6 +202,7 @@ def test_top5_is_reported_only_for_more_than_five_classes(
 # --------------------------------------------------------------------------- the CLI
 
 
+@pytest.mark.slow
 def test_cli_prints_per_class_accuracy_and_writes_json_and_png(
         tiny: zoo.Backbone, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 13.3: ``zoo evaluate DIR --data D --out OUT`` prints the overall and per-class
@@ -233,6 +236,7 @@ def test_cli_prints_per_class_accuracy_and_writes_json_and_png(
     (lambda out: (out / "evaluation.json").symlink_to(out.parent / "target.json"),
      "symbolic link"),
 ])
+@pytest.mark.slow
 def test_out_never_replaces_files_zoo_did_not_write(
         setup: Any, needle: str, tiny: zoo.Backbone, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:

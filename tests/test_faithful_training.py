@@ -93,6 +93,7 @@ def accuracies(result: zoo.FinetuneResult) -> list[float]:
 # --------------------------------------------------------------------------- 13.2 keep best
 
 
+@pytest.mark.slow
 def test_the_best_epoch_is_kept_returned_and_saved(tiny: zoo.Backbone, tmp_path: Path) -> None:
     """Issue 13.2: the checkpoint held the last epoch even when an earlier one was better."""
     result = finetune(output_dir=tmp_path / "run")
@@ -160,6 +161,7 @@ def test_only_tensors_that_can_change_are_copied(tiny: zoo.Backbone, tmp_path: P
         assert best["epoch"] == 0 and set(best["tensors"]) == expected
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_best_epoch_found_before_the_interruption(
         tiny: zoo.Backbone, tmp_path: Path) -> None:
     """Issue 13.2: the resume state carries the best-so-far, so a run interrupted after its
@@ -190,6 +192,7 @@ def test_without_validation_data_the_last_epoch_is_kept_and_patience_is_refused(
         finetune(keep="first")
 
 
+@pytest.mark.slow
 def test_compare_reports_the_kept_checkpoint_and_its_epoch(tiny: zoo.Backbone,
                                                            tmp_path: Path) -> None:
     """Issue 13.2: compare's accuracy column is the kept checkpoint's, with its epoch."""
@@ -213,6 +216,7 @@ def test_compare_reports_the_kept_checkpoint_and_its_epoch(tiny: zoo.Backbone,
 # --------------------------------------------------------------------------- 13.8 runs/
 
 
+@pytest.mark.slow
 def test_cli_finetune_without_out_saves_the_model_in_a_new_runs_folder(
         tiny: zoo.Backbone, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

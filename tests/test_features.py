@@ -75,6 +75,7 @@ def finetune(strategy: str, store: FeatureStore, **kwargs):
                         **kwargs)
 
 
+@pytest.mark.slow
 def test_strategies_freezing_the_same_prefix_share_one_extraction() -> None:
     store = FeatureStore()
     finetune("linear_probe", store)
@@ -86,6 +87,7 @@ def test_strategies_freezing_the_same_prefix_share_one_extraction() -> None:
     assert store.misses == misses + 2  # a different boundary: new features
 
 
+@pytest.mark.slow
 def test_augmentation_disables_the_cache_unless_views_are_asked_for() -> None:
     store = FeatureStore()
     plain = finetune("linear_probe", store, augment=True)
@@ -96,6 +98,7 @@ def test_augmentation_disables_the_cache_unless_views_are_asked_for() -> None:
         finetune("feature_extract", store, augment=True)
 
 
+@pytest.mark.slow
 def test_the_default_budget_is_2_gib_or_a_quarter_of_the_available_memory() -> None:
     from zoo.data.feature_cache import DEFAULT_CACHE_MEMORY, default_cache_memory, shared_store
 

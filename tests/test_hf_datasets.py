@@ -54,6 +54,7 @@ def test_dataset_object_columns_and_classes_from_features() -> None:
     assert data.cache_refusal() is None  # Arrow rows never change: features may be cached
 
 
+@pytest.mark.slow
 def test_dataset_dict_splits_and_finetune_uses_validation(tiny: zoo.Backbone) -> None:
     """Issue 16.2: a DatasetDict gives train / validation (for "val") / test; finetune on it
     validates on its validation split and records the ClassLabel names."""

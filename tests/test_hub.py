@@ -129,6 +129,7 @@ def _pull(hub: HubServer, tmp_path: Path, repo: str = REPO, **kwargs) -> Path:
 # --------------------------------------------------------------------------- round trips
 
 
+@pytest.mark.slow
 def test_push_then_pull_on_another_machine_gives_identical_outputs(
     hub: HubServer, checkpoint: Path, trained: tuple[Path, torch.Tensor], tmp_path: Path
 ) -> None:
@@ -155,6 +156,7 @@ def test_push_then_pull_on_another_machine_gives_identical_outputs(
     assert torch.equal(_outputs(from_pretrained(checkpoint)), trained[1])  # a local directory
 
 
+@pytest.mark.slow
 def test_delta_checkpoint_rebuilds_its_base_after_a_pull(
     hub: HubServer, pretrained: Callable[..., str], tmp_path: Path
 ) -> None:
@@ -181,6 +183,7 @@ def test_delta_checkpoint_rebuilds_its_base_after_a_pull(
         _push(hub, local, "user/local")
 
 
+@pytest.mark.slow
 def test_second_push_uploads_only_the_changed_file(
     hub: HubServer, checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -199,6 +202,7 @@ def test_second_push_uploads_only_the_changed_file(
     assert "Evaluated on 8x8 digits." in (_pull(hub, tmp_path) / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_branches_and_tags_are_pulled_by_name(
     hub: HubServer, checkpoint: Path, trained: tuple[Path, torch.Tensor], tmp_path: Path
 ) -> None:
@@ -229,6 +233,7 @@ def _assert_error(error: pytest.ExceptionInfo, *phrases: str) -> None:
         assert phrase in message, message
 
 
+@pytest.mark.slow
 def test_missing_repo_revision_file_and_bad_tokens_are_clear_errors(
     hub: HubServer, checkpoint: Path, tmp_path: Path, no_ambient_token: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -285,6 +290,7 @@ def test_missing_repo_revision_file_and_bad_tokens_are_clear_errors(
     _assert_error(err, "cannot reach", "not in the Hub cache")
 
 
+@pytest.mark.slow
 def test_tampered_files_are_refused_and_dropped_from_the_cache(
     hub: HubServer, checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -304,6 +310,7 @@ def test_tampered_files_are_refused_and_dropped_from_the_cache(
         _pull(hub, tmp_path)
 
 
+@pytest.mark.slow
 def test_a_pulled_checkpoint_is_checked_again_when_the_hub_is_unreachable(
     hub: HubServer, checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -329,6 +336,7 @@ def test_repo_paths_must_stay_inside_the_snapshot() -> None:
 # --------------------------------------------------------------------------- env-driven
 
 
+@pytest.mark.slow
 def test_offline_load_after_a_pull_makes_no_request(
     hub: HubServer, checkpoint: Path, trained: tuple[Path, torch.Tensor], tmp_path: Path
 ) -> None:
@@ -357,6 +365,7 @@ def test_offline_load_after_a_pull_makes_no_request(
     assert TOKEN not in out["error"]
 
 
+@pytest.mark.slow
 def test_lfs_upload_mode_round_trip_without_xet(
     checkpoint: Path, trained: tuple[Path, torch.Tensor], tmp_path: Path
 ) -> None:
@@ -386,6 +395,7 @@ def test_lfs_upload_mode_round_trip_without_xet(
             pull_from_hub(REPO, token=TOKEN, endpoint=hub.endpoint, cache_dir=tmp_path / "c")
 
 
+@pytest.mark.slow
 def test_timm_full_checkpoint_loads_with_timm_alone(hub: HubServer, tmp_path: Path) -> None:
     result = _finetune("timm/mobilenetv3_small_050", tmp_path / "timm", strategy="full",
                        image_size=32, checkpoint_kind="full",

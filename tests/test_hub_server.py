@@ -106,6 +106,7 @@ def test_regular_mode_roundtrip_and_incremental_upload(
     assert _hashes(pulled) == _hashes(src)
 
 
+@pytest.mark.slow
 def test_lfs_mode_roundtrip_without_xet(tmp_path: Path) -> None:
     src = _write_model(tmp_path / "src", seed=1)
     with HubServer(root=tmp_path / "hub", token=TOKEN, upload_mode="lfs") as hub:

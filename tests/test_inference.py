@@ -46,6 +46,7 @@ def _images(data: Path) -> list[Path]:
     return sorted(data.glob("*/*.png"))
 
 
+@pytest.mark.slow
 def test_predict_agrees_on_paths_pil_and_tensors(trained: tuple[Path, Path, Any]) -> None:
     """Issue 16.4: a file, the same picture as a PIL image, as a uint8 CHW tensor and as a
     float [0, 1] tensor all give the same top-k classes and probabilities."""
@@ -108,6 +109,7 @@ def test_embed_at_a_group_gives_its_output(trained: tuple[Path, Path, Any]) -> N
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
+@pytest.mark.slow
 def test_embed_cli_writes_a_file_that_loads_back(trained: tuple[Path, Path, Any],
                                                  tmp_path: Path, suffix: str,
                                                  capsys: pytest.CaptureFixture[str]) -> None:

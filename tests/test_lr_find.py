@@ -17,6 +17,7 @@ from zoo.training.lr_find import lr_find, suggest
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_range_test_suggests_a_rate_writes_a_png_and_leaves_the_model_alone(
         tiny: zoo.Backbone, digits: Any, tmp_path: Path) -> None:
     """Issue 15 lr-find: exponentially growing rates, a suggestion inside the range, a

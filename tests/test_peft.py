@@ -90,6 +90,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     ("resnet18", {"rank": 2, "alpha": 4}, 32),  # Conv2d adapters (and a Linear head)
     ("timm/test_vit", {"rank": 3, "alpha": 3}, 160),  # timm: Linear qkv/proj/mlp, Conv2d patch
 ])
+@pytest.mark.slow
 def test_zoo_lora_checkpoint_loads_in_peft(arch: str, options: dict[str, Any], size: int,
                                            pretrained: Callable[..., str],
                                            tmp_path: Path) -> None:
@@ -202,6 +203,7 @@ def peft_adapter(backbone: str, folder: Path, targets: list[str], modules_to_sav
     ("timm/test_vit", ["qkv", "proj", "fc2"], {"r": 2, "lora_alpha": 5, "use_rslora": True},
      160),
 ])
+@pytest.mark.slow
 def test_peft_adapter_loads_in_zoo(arch: str, targets: list[str], config: dict[str, Any],
                                    size: int, pretrained: Callable[..., str],
                                    tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ def no_ambient_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login"))
 
 
+@pytest.mark.slow
 def test_pretrain_push_pull_then_transfer_beats_scratch(tmp_path: Path) -> None:
     # 1. Pretrain on the source task (digits 0-4) and save a full checkpoint.
     source = zoo.finetune(

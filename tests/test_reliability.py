@@ -598,6 +598,7 @@ def test_malformed_python_api_input_is_a_zoo_error(case: Callable[[Path], None],
 # --------------------------------------------------------------------------- 3. --debug
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
     result = subprocess.run(
@@ -624,6 +625,7 @@ SAVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_during_save_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
     target = tmp_path / "ckpt"
     script = tmp_path / "saver.py"
@@ -663,6 +665,7 @@ TRAINER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_during_training_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     killed = tmp_path / "killed"
     script = tmp_path / "trainer.py"
@@ -699,6 +702,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_failing_hub_leaves_the_checkpoint_untouched_and_can_be_retried(
     checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -738,6 +742,7 @@ def test_failing_hub_leaves_the_checkpoint_untouched_and_can_be_retried(
 # --------------------------------------------------------------------------- 5. secrets
 
 
+@pytest.mark.slow
 def test_tokens_never_leak(checkpoint: Path, tmp_path: Path, zoo_home: Path,
                            capsys: pytest.CaptureFixture[str],
                            monkeypatch: pytest.MonkeyPatch) -> None:

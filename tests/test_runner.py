@@ -86,6 +86,7 @@ def make_image_folder(root: Path) -> Path:
 
 @pytest.mark.parametrize("form", ["builtin name", "tensor pair", "image folder",
                                   "torch dataset"])
+@pytest.mark.slow
 def test_train_and_val_accept_every_data_form(form: str, tiny: zoo.Backbone, train_xy: Any,
                                               val_xy: Any, tmp_path: Path) -> None:
     if form == "builtin name":  # val defaults to the dataset's own validation split
@@ -162,6 +163,7 @@ def all_tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(("strategy", "augment"), [("gradual", False), ("full", True)])
+@pytest.mark.slow
 def test_resume_after_interruption_equals_the_uninterrupted_run_bitwise(
         strategy: str, augment: bool, base: str, train_xy: Any, val_xy: Any,
         tmp_path: Path) -> None:

@@ -105,6 +105,7 @@ LOADERS: dict[str, Callable[[Path], Any]] = {
 @pytest.mark.parametrize("marker", ["../.bashrc", '{"files": ["../.bashrc"], "remove": []}',
                                     '{"files": [], "remove": ["../.bashrc"]}'],
                          ids=["names", "json-move", "json-remove"])
+@pytest.mark.slow
 def test_complete_marker_cannot_name_a_file_outside_the_folder(entry: str, marker: str,
                                                                saved: Path) -> None:
     """Issue 12.1: a shipped ``.zoo-staging/COMPLETE`` naming ``../.bashrc`` (with its own
@@ -276,6 +277,7 @@ def test_finetune_out_never_overwrites_a_users_folder(tiny: zoo.Backbone, tmp_pa
     assert snapshot(project) == before
 
 
+@pytest.mark.slow
 def test_finetune_into_an_existing_checkpoint_needs_overwrite(tiny: zoo.Backbone,
                                                               tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]
@@ -311,6 +313,7 @@ def test_save_checkpoint_refuses_a_folder_of_other_files(tiny: zoo.Backbone,
     assert snapshot(folder) == before
 
 
+@pytest.mark.slow
 def test_a_save_deletes_only_the_files_zoo_wrote(saved: Path) -> None:
     """Issue 12.4: re-saving never deletes (nor replaces) a history.json zoo did not write;
     its own history.json from an earlier save is removed when the new save has none."""
@@ -374,6 +377,7 @@ def read_once(target: Path) -> int:
     return i
 
 
+@pytest.mark.slow
 def test_readers_during_40_saves_see_whole_checkpoints(tiny: zoo.Backbone,
                                                        tmp_path: Path) -> None:
     """Issue 12.5: a reader loop (this process) while another process saves 40 times: no
@@ -394,6 +398,7 @@ def test_readers_during_40_saves_see_whole_checkpoints(tiny: zoo.Backbone,
     assert len(seen) >= 5 and seen == sorted(seen) and len(set(seen)) > 2, seen
 
 
+@pytest.mark.slow
 def test_a_second_writer_gets_a_clear_error(saved: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 12.5: while one save runs (held here just before its COMPLETE marker), a
@@ -521,6 +526,7 @@ def test_a_reader_creates_no_lock_file(saved: Path) -> None:
 # --------------------------------------------------------------------------- medium: loading
 
 
+@pytest.mark.slow
 def test_builder_kwargs_from_a_checkpoint_must_be_declared_safe(tmp_path: Path) -> None:
     """Issue 12, medium: ``builder_kwargs: {"checkpoint_path": ...}`` in a timm checkpoint
     would make timm load any local file; only the backbone's ``checkpoint_kwargs`` pass."""

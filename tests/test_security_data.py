@@ -305,6 +305,7 @@ def test_a_one_class_dataset_is_refused_before_training(tiny: zoo.Backbone,
                      "--data", str(root), "--quiet"]) == 2
 
 
+@pytest.mark.slow
 def test_a_class_folder_named_in_non_utf8_bytes_trains_saves_loads_and_predicts(
         pretrained: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 12 (medium, non-UTF-8 class folder): ``b"caf\\xe9"`` is a valid Linux name; its

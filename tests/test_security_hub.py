@@ -94,6 +94,7 @@ LIES = {
 
 @pytest.mark.parametrize("honest_answers", [0, 1], ids=["lies-at-once", "lies-after-checks"])
 @pytest.mark.parametrize("lie", list(LIES))
+@pytest.mark.slow
 def test_hostile_hub_metadata_never_writes_outside_the_cache(
     hub: HubServer, shared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     lie: str, honest_answers: int,
@@ -157,6 +158,7 @@ def _assert_no_chain(error: BaseException, *secrets: str) -> None:
     assert not any(secret in text for secret in secrets), text
 
 
+@pytest.mark.slow
 def test_token_never_appears_in_errors_chains_or_debug_tracebacks(
     hub: HubServer, shared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -188,6 +190,7 @@ def test_token_never_appears_in_errors_chains_or_debug_tracebacks(
                 in p.read_bytes()]
 
 
+@pytest.mark.slow
 def test_token_from_stdin_and_the_real_debug_traceback(
     hub: HubServer, shared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
@@ -224,6 +227,7 @@ def test_help_says_how_to_keep_the_token_out_of_the_process_list(
 
 
 @pytest.mark.parametrize("token", ["hf_caf\u00e9_token", "hf_tab\tinside", "hf_nul\x00x"])
+@pytest.mark.slow
 def test_a_token_with_impossible_characters_is_refused_without_echoing_it(
     hub: HubServer, token: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -246,6 +250,7 @@ def test_a_token_with_impossible_characters_is_refused_without_echoing_it(
 # --------------------------------------------------------------------------- 12.6
 
 
+@pytest.mark.slow
 def test_hub_download_refuses_bytes_that_differ_from_the_listed_hash(
     hub: HubServer, shared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

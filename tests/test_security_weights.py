@@ -294,6 +294,7 @@ def test_stale_part_files_are_swept_and_nothing_else(
 
 
 @pytest.mark.skipif(fcntl is None, reason="stale .part files are told apart by flock")
+@pytest.mark.slow
 def test_download_killed_midway_leaves_a_part_that_the_next_download_removes(
         server: HostileServer, zoo_home: Path) -> None:
     """Issue 12.6: kill -9 during a download, then download again: no .part is left."""

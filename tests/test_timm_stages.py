@@ -30,6 +30,7 @@ def _one_thread(one_torch_thread: None) -> None:
 
 
 @pytest.mark.parametrize("name", list(SEQUENTIAL))
+@pytest.mark.slow
 def test_plain_sequence_families_get_one_stage_per_layer_group(name: str) -> None:
     spec = zoo.get_backbone(name)
     model = zoo.create_model(name, num_classes=7).eval()
@@ -48,6 +49,7 @@ def test_plain_sequence_families_get_one_stage_per_layer_group(name: str) -> Non
 
 
 @pytest.mark.parametrize("name", ["timm/vit_tiny_patch16_224", "timm/convnext_atto"])
+@pytest.mark.slow
 def test_other_architectures_keep_two_stages(name: str) -> None:
     spec = zoo.get_backbone(name)
     model = zoo.create_model(name, num_classes=7).eval()
@@ -56,6 +58,7 @@ def test_other_architectures_keep_two_stages(name: str) -> None:
     assert [s.groups for s in stages] == [tuple(names[:-1]), ("head",)]
 
 
+@pytest.mark.slow
 def test_groups_other_than_expected_fall_back_to_two_stages() -> None:
     spec = zoo.get_backbone("timm/resnet18")
     model = zoo.create_model("timm/resnet18", num_classes=7).eval()
@@ -71,6 +74,7 @@ def test_groups_other_than_expected_fall_back_to_two_stages() -> None:
         torch.testing.assert_close(composed(stages, x), model(x))
 
 
+@pytest.mark.slow
 def test_a_partial_freeze_of_a_timm_model_caches_the_frozen_prefix() -> None:
     generator = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=generator)
@@ -90,6 +94,7 @@ def test_a_partial_freeze_of_a_timm_model_caches_the_frozen_prefix() -> None:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+@pytest.mark.slow
 def test_lora_adapts_a_timm_backbone_whose_groups_name_parameters() -> None:
     """timm's groups list parameter names (``conv1.weight``); LoRA's parametrization renames
     them (``conv1.parametrizations.weight.original``) and they must stay in their group."""

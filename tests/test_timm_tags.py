@@ -18,6 +18,7 @@ from zoo.weights.cache import recorded_sha256
 from zoo.weights.sources import cached_path
 
 
+@pytest.mark.slow
 def test_the_shipped_name_index_matches_the_installed_timm() -> None:
     """Issue 16.1: the index is timm's own list of architectures and loadable tags; after a
     timm upgrade this fails until ``python -m zoo_timm.index`` is run."""
@@ -97,6 +98,7 @@ def test_info_shows_each_tags_dataset_resolution_and_licence(
     assert "Instagram-1B > ImageNet-1k" in rows["fb_swsl_ig1b_ft_in1k"]
 
 
+@pytest.mark.slow
 def test_tag_weights_download_through_zoos_verified_cache(
         tmp_path: Path, zoo_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 16.1: ``timm/ARCH.TAG`` weights come from the Hub through zoo's cache, their

@@ -49,6 +49,7 @@ class SeeOptimizer(Callback):
 # --------------------------------------------------------------------------- optimisation
 
 
+@pytest.mark.slow
 def test_accumulate_matches_a_batch_n_times_larger(tiny: zoo.Backbone, train_xy: Any) -> None:
     """Issue 15 optimisation: ``accumulate=2`` with batches of 10 ends with the weights of
     batches of 20 (a BatchNorm-free model, where the two are the same computation)."""
@@ -219,6 +220,7 @@ def test_run_file_replays_to_the_same_checkpoint(base: str, tmp_path: Path) -> N
 # --------------------------------------------------------------------------- the CLI
 
 
+@pytest.mark.slow
 def test_cli_flags_and_config_replay(base: str, tmp_path: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 15 run files and CLI: ``zoo finetune`` takes the new flags and writes run.yaml;

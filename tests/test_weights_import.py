@@ -64,6 +64,7 @@ def cifar_accuracy(model: torch.nn.Module, weights: str) -> float:
 
 
 @needs_cifar
+@pytest.mark.slow
 def test_imported_resnet20_file_gives_the_registered_tag_offline(
         zoo_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 18: `zoo weights import` puts the file where a download would, after which
@@ -120,6 +121,7 @@ def test_the_same_file_given_by_path_is_the_registered_tag(zoo_home: Path) -> No
 
 
 @needs_cifar
+@pytest.mark.slow
 def test_delta_checkpoint_from_the_imported_tag_is_small_and_reloads_exactly(
         tmp_path: Path) -> None:
     """Issue 18: a delta saved from the imported tag is a few percent of the full checkpoint
@@ -187,6 +189,7 @@ def torchvision_resnet18_file(directory: Path) -> tuple[Path, str, torch.nn.Modu
     return path, sha, reference
 
 
+@pytest.mark.slow
 def test_torchvision_state_dict_imported_under_a_plugin_tag_gives_identical_outputs(
         tmp_path: Path, zoo_home: Path, register_backbones: Callable[..., Any],
         capsys: pytest.CaptureFixture[str]) -> None:
