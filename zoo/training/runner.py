@@ -138,9 +138,9 @@ def build_task(config: FinetuneConfig, spec: Backbone, strat: FreezeStrategy) ->
     if num_classes is not None and num_classes < len(train_data.classes):
         raise ZooError(f"num_classes={num_classes} but the training data has "
                        f"{len(train_data.classes)} classes")
-    _check_labels(train_data, classes, "training")
+    _check_labels_fit_head(train_data, classes, "training")
     if val_data is not None:
-        _check_labels(val_data, classes, "validation")
+        _check_labels_fit_head(val_data, classes, "validation")
     elif config.patience is not None:
         raise ZooError("patience stops a run when its validation accuracy stops improving, "
                        "so it needs validation data: pass val (--val)")
@@ -183,7 +183,9 @@ def _validation_data(train: Any, val: Any, seed: int, strict: bool) -> ImageData
     return None
 
 
-def _check_labels(data: ImageData, classes: int, what: str) -> None:
+def _check_labels_fit_head(data: ImageData, classes: int, what: str) -> None:
+    """Refuse data whose labels the model's head cannot output (load_data checks labels against
+    the dataset's own classes; this checks them against the head being trained)."""
     if len(data) == 0:
         raise ZooError(f"the {what} data is empty")
     low, high = int(data.targets.min()), int(data.targets.max())
