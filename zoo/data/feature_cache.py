@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from zoo.core.paths import zoo_home
+
 if TYPE_CHECKING:
     from zoo.data.imagedata import ImageData
 
@@ -62,8 +64,6 @@ class CacheKey:
 
 
 def _cache_dir() -> Path:
-    from zoo.core.paths import zoo_home
-
     return zoo_home() / "features"
 
 

@@ -68,7 +68,7 @@ def is_hf_path(path: Path) -> bool:
 
 def _datasets() -> Any:
     try:
-        import datasets
+        import datasets  # optional: zoo[hf-datasets]
     except ImportError:
         raise ZooError(f"Hugging Face datasets need the datasets package: {INSTALL}") from None
     return datasets
@@ -108,7 +108,7 @@ def _open(data: Any) -> tuple[str, Any]:
             return text, datasets.load_dataset(repo, config or None)
         path = Path(text).expanduser()
         if path.suffix.lower() == ".parquet":
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # optional: comes with datasets
 
             return path.stem, datasets.Dataset(pq.read_table(path))
         return path.name, datasets.load_from_disk(str(path))

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -82,8 +83,6 @@ def _as_size(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None
 def _common_format(paths: list[Path], root: Path) -> tuple[tuple[int, int], bool, bool, int]:
     """From (a sample of) the images' headers: the most common (height, width), whether all
     of them are grey, whether their sizes differ, and their mean area in pixels."""
-    from PIL import Image
-
     step = max(1, len(paths) // HEADER_SAMPLE)
     sizes: Counter[tuple[int, int]] = Counter()
     grey = True
@@ -124,8 +123,6 @@ def _decode(path: Path | str, grey: bool = False, *, follow: bool = True) -> Ten
     format without a known range raises ZooError (the reason, without the path) rather than
     decode to a wrong image. EXIF orientation is applied.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     with _open_image(path, follow=follow) as file:
         try:
             raw = Image.open(file)
@@ -146,8 +143,6 @@ def _to_8bit(img: Any, grey: bool, bits: int | None = None) -> Any:
     torchvision and timm do); "P" with transparency, CMYK, YCbCr, LAB and HSV go through
     Pillow's colour conversions. Anything else raises ZooError saying why.
     """
-    from PIL import Image
-
     target = "L" if grey else "RGB"
     if img.mode in _INT_MODES or img.mode == "F":
         img = Image.fromarray(_scaled_plane(img, bits or 16), "L")

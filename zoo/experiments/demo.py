@@ -6,8 +6,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from zoo.data.dataset import load_data
 from zoo.experiments.report import ComparisonResult, format_table
 from zoo.experiments.sweep import compare
+from zoo.plugins.registry import get_backbone
+from zoo.weights.sources import cached_path
 
 DEMO_BACKBONE = "timm/tf_efficientnet_lite0"
 DEMO_STRATEGIES = ("feature_extract", "partial", "full")
@@ -37,10 +40,6 @@ def run_demo(output_dir: str | os.PathLike[str] = "demo-report", *,
     ``quick`` is a smaller, faster version (fewer epochs and pixels). Running it again
     into the same folder reuses the finished runs.
     """
-    from zoo.data.dataset import load_data
-    from zoo.plugins.registry import get_backbone
-    from zoo.weights.sources import cached_path
-
     config = QUICK_SETTINGS if quick else DEMO_SETTINGS
     strategies: dict[str, Sequence[str]] = {DEMO_BACKBONE: DEMO_STRATEGIES}
     image_size: dict[str, int] = {DEMO_BACKBONE: config["image_size"]}

@@ -14,6 +14,7 @@ from torch import nn
 
 from zoo.core.errors import CheckpointError, IncompatibleError, WeightsError, ZooError
 from zoo.core.spec import Backbone, LayerGroup, Weights
+from zoo.data.transforms import transform_from_config
 from zoo.plugins.registry import get_backbone
 from zoo.weights.cache import registered_for_path
 from zoo.weights.load import load_state_dict, weights_spec
@@ -244,8 +245,6 @@ def transforms_for(name: str | Backbone, weights: str | Weights | None = "defaul
                    augment: bool = False) -> BatchTransform:
     """The eval (or augmented train) transform matching the backbone's weights' preprocessing,
     built by the one factory, ``zoo.data.transforms.transform_from_config``."""
-    from zoo.data.transforms import transform_from_config
-
     return transform_from_config(preprocessing_for(name, weights), augment=augment)
 
 

@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from zoo.core.arguments import check_arguments, is_plain
 from zoo.core.errors import IncompatibleError, PluginError, ZooError
 from zoo.core.spec import Backbone, LayerGroup, Strategy, resolve_callable
 from zoo.core.table import table as text_table
+from zoo.models.build import assign_groups
 from zoo.plugins.registry import get_backbone, get_strategy
 
 
@@ -106,8 +108,6 @@ class FreezeStrategy:
 def make_strategy(name: str | Strategy, options: Mapping[str, Any] | None = None
                   ) -> FreezeStrategy:
     """Instantiate a registered strategy with ``options``; unknown or bad options are refused."""
-    from zoo.core.arguments import is_plain
-
     spec = get_strategy(name) if isinstance(name, str) else name
     factory = resolve_callable(spec.factory)
     options = dict(options or {})
@@ -244,9 +244,6 @@ def plan(backbone: str | Backbone, strategy: str, options: Mapping[str, Any] | N
 
     The model is built on the meta device, so this is cheap even for large backbones.
     """
-    from zoo.core.arguments import check_arguments
-    from zoo.models.build import assign_groups
-
     check_arguments({"num_classes": num_classes, "lr": lr})
     spec = get_backbone(backbone) if isinstance(backbone, str) else backbone
     strat = make_strategy(strategy, options)

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from zoo.core.errors import ZooError
+from zoo.plugins.registry import get_backbone
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCardData
@@ -68,8 +69,6 @@ def base_model_of(weights: Weights) -> str | None:
 
 
 def _registered_weights(config: Mapping[str, Any]) -> Weights | None:
-    from zoo.plugins.registry import get_backbone
-
     tag = (config.get("weights") or {}).get("tag")
     with contextlib.suppress(ZooError):
         return next((w for w in get_backbone(config["backbone"]).weights if w.tag == tag), None)
@@ -100,7 +99,7 @@ def title(config: Mapping[str, Any]) -> str:
 
 def card_data(config: Mapping[str, Any], metrics: Mapping[str, Any]) -> ModelCardData:
     """The card's metadata as ``huggingface_hub.ModelCardData``."""
-    from huggingface_hub import EvalResult, ModelCardData
+    from huggingface_hub import EvalResult, ModelCardData  # lazy: only to write a card
 
     weights = _registered_weights(config)
     base_model = base_model_of(weights) if weights is not None else None

@@ -36,7 +36,7 @@ def config_from_model(model: nn.Module) -> dict[str, Any]:
     if name is None:
         raise ZooError("this model was not built by zoo: pass config= naming its backbone "
                        "(or build it with zoo.create_model)")
-    from zoo.models.build import num_outputs  # the models layer imports torch
+    from zoo.models.build import num_outputs  # lazy: keeps zoo push/pull free of torch
 
     spec = get_backbone(name)
     weights = getattr(model, "zoo_weights", None)
@@ -74,7 +74,7 @@ def check_rebuilds(model: nn.Module, config: Mapping[str, Any], strategy: Any) -
         raise ZooError("the model has tensors its backbone lacks (adapters?) but no strategy "
                        "is recorded: pass strategy= (e.g. make_strategy('lora', {'rank': 4})), "
                        "the one that prepared it")
-    from zoo.models.build import model_from_config  # the models layer imports torch
+    from zoo.models.build import model_from_config  # lazy: keeps zoo push/pull free of torch
 
     try:
         rebuilt = model_from_config(config, strategy, meta=True)
@@ -127,7 +127,7 @@ def not_for_timm(config: Mapping[str, Any]) -> str:
 
 def strategy_from_config(config: Mapping[str, Any]) -> Any:
     """The strategy config.json records (its registered name and options), or None."""
-    from zoo.models.strategy import make_strategy  # the models layer imports torch
+    from zoo.models.strategy import make_strategy  # lazy: keeps zoo push/pull free of torch
 
     strategy = config.get("strategy") or {}
     if not strategy.get("name"):

@@ -105,7 +105,7 @@ def push_to_hub(
     unchanged files are skipped by the Hub client. Nothing local is written, so a failed
     push can simply be retried. ``create_pr`` opens a pull request instead of committing.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi  # lazy: only for Hub calls
 
     directory = Path(checkpoint_dir).expanduser()
     repo, revision = _split_repo(repo_id, revision)
@@ -151,7 +151,7 @@ def _listing(repo: str, revision: str | None, endpoint: str | None, token: str |
     reached (offline or no network): then the cache's own record is used instead.
     """
     from huggingface_hub import HfApi, RepoFile, constants
-    from huggingface_hub import errors as hf
+    from huggingface_hub import errors as hf  # lazy: only for Hub calls
 
     if constants.HF_HUB_OFFLINE:
         return None
@@ -210,7 +210,7 @@ def pull_from_hub(
     ``CheckpointError`` and the bad file is dropped from the cache. With ``HF_HUB_OFFLINE=1``
     a previously pulled checkpoint is served from the cache without any request.
     """
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # lazy: only for Hub calls
 
     repo, revision = _split_repo(repo_id, revision)
     token = _token(token)
@@ -273,7 +273,7 @@ def from_pretrained(
     pulled with ``pull_from_hub`` first. A delta checkpoint rebuilds its base from the
     registry and checks the base weights' sha256.
     """
-    from zoo.persist.checkpoint import load_checkpoint
+    from zoo.persist.checkpoint import load_checkpoint  # lazy: keeps zoo push/pull free of torch
 
     if is_hub_id(repo_id_or_path):
         folder = pull_from_hub(str(repo_id_or_path), revision=revision, token=token,

@@ -13,7 +13,8 @@
   and every file the client returns must lie inside the Hub cache.
 
 ``zoo.persist.hub`` builds push, pull and ``from_pretrained`` on these pieces.
-huggingface_hub is imported inside the functions, so ``import zoo`` stays fast.
+huggingface_hub is imported inside the functions: building or training a model imports this
+module (through ``zoo.weights``) but loads the Hub client only when it talks to a Hub.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 def _network_errors() -> tuple[type[BaseException], ...]:
     """Exceptions meaning "the Hub could not be reached" (the client's HTTP library's base)."""
-    from huggingface_hub import errors as hf
+    from huggingface_hub import errors as hf  # lazy: only for Hub calls
 
     transport = getattr(hf, "HTTPError", None)  # httpx's HTTPError, which HfHubHTTPError extends
     return (hf.OfflineModeIsEnabled, ConnectionError, *([transport] if transport else []))
@@ -58,7 +59,7 @@ def _redact(text: str) -> str:
 
 
 def _hub_name(endpoint: str | None) -> str:
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # lazy: only for Hub calls
 
     return _redact(endpoint or constants.ENDPOINT)
 
@@ -67,7 +68,7 @@ def _secrets(token: str | None) -> list[str]:
     """Every token that may have been sent: the argument and the one huggingface_hub finds."""
     found = [token] if token else []
     with contextlib.suppress(Exception):
-        from huggingface_hub import get_token
+        from huggingface_hub import get_token  # lazy: only for Hub calls
 
         stored = get_token()
         if stored:
@@ -98,7 +99,7 @@ def _translate(exc: BaseException, *, error: type[ZooError], repo_id: str,
                token_sent: bool = True) -> ZooError | None:
     """The zoo error (one line, says what to do) for a huggingface_hub failure, else None."""
     from huggingface_hub import constants
-    from huggingface_hub import errors as hf
+    from huggingface_hub import errors as hf  # lazy: only for Hub calls
 
     where = f"{repo_id}@{revision}" if revision else repo_id
     what = f"{filename!r} from {where}" if filename else where
@@ -232,7 +233,7 @@ def _token(token: str | None) -> str | None:
     huggingface_hub finds HF_TOKEN or the login itself (checked here the same way)."""
     if token:
         return _checked_token(token, "the Hub token given (token= or --token)")
-    from huggingface_hub import get_token
+    from huggingface_hub import get_token  # lazy: only for Hub calls
 
     _checked_token(get_token(), "the Hub token in HF_TOKEN or your hf login (hf auth login)")
     return None
@@ -240,7 +241,7 @@ def _token(token: str | None) -> str | None:
 
 def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
     """The Hub cache folder the client writes to for ``cache_dir``."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # lazy: only for Hub calls
 
     return Path(cache_dir).expanduser() if cache_dir else Path(constants.HF_HUB_CACHE)
 
@@ -263,7 +264,7 @@ _answer_users = 0
 def _checked_answers() -> Iterator[None]:
     """Check every answer the Hub client receives during the block (its shared session gets
     ``check_answer`` as a response hook while any zoo call needs it)."""
-    from huggingface_hub import get_session
+    from huggingface_hub import get_session  # lazy: only for Hub calls
 
     global _answer_users
     with _answer_lock:
@@ -291,7 +292,7 @@ def _file_facts(repo: str, filename: str, revision: str | None, endpoint: str | 
     """(commit that ``revision`` names, (hash name, digest) the Hub reports for ``filename``
     there); None when the Hub cannot be reached (offline or no network)."""
     from huggingface_hub import HfApi, RepoFile, constants, get_hf_file_metadata, hf_hub_url
-    from huggingface_hub import errors as hf
+    from huggingface_hub import errors as hf  # lazy: only for Hub calls
 
     if constants.HF_HUB_OFFLINE:
         return None
@@ -364,7 +365,7 @@ def _remember_revision(cache: Path, repo: str, revision: str | None, commit: str
     """Record ``revision -> commit`` in the Hub cache's ``refs`` as the client does, so that
     offline use finds the files by branch or tag (zoo downloads by the checked commit id)."""
     from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub.file_download import repo_folder_name  # lazy: only for Hub calls
 
     name = revision or constants.DEFAULT_REVISION
     ref = cache / repo_folder_name(repo_id=repo, repo_type="model") / "refs" / name
@@ -388,7 +389,7 @@ def hub_download(
     it is dropped from the cache. Every failure is a one-line ``WeightsError`` saying what to
     check (a ``HubError`` for a Hub answering unsafe metadata); the token is never shown.
     """
-    import huggingface_hub
+    import huggingface_hub  # lazy: only for Hub calls
 
     token = _token(token)
     _check_revision(revision, WeightsError)
