@@ -8,6 +8,11 @@ import os
 import platform
 from pathlib import Path
 
+from zoo.core import __version__
+from zoo.core.errors import ZooError
+from zoo.core.paths import zoo_home
+from zoo.plugins.summary import plugin_summary
+
 PACKAGES = ("torch", "torchvision", "timm", "huggingface-hub", "safetensors", "pluggy",
             "numpy", "pillow")
 
@@ -30,14 +35,11 @@ def _folder_size(path: Path) -> int:
 
 def report() -> str:
     """Versions, device, cache location and size, and plugins (loaded or failed)."""
-    from zoo.core import __version__
-    from zoo.core.errors import ZooError
-
     lines = [f"zoo {__version__}", f"python {platform.python_version()} "
              f"({platform.system()} {platform.machine()}), {os.cpu_count()} CPUs"]
     lines += [f"{dist} {_version(dist)}" for dist in PACKAGES]
     try:
-        import torch
+        import torch  # lazy: a broken torch is reported, not raised
 
         if torch.cuda.is_available():
             device = ", ".join(torch.cuda.get_device_name(i)
@@ -47,15 +49,11 @@ def report() -> str:
         lines.append(f"device: {device}; torch threads {torch.get_num_threads()}")
     except Exception as exc:  # a broken torch install is exactly what doctor must show
         lines.append(f"device: torch failed to import: {type(exc).__name__}: {exc}")
-    from zoo.core.paths import zoo_home
-
     home = zoo_home()
     size = _folder_size(home) if home.exists() else 0
     lines.append(f"cache: {home} ({size / 1e6:.1f} MB){'' if home.exists() else ' (empty)'}")
     lines.append(f"ZOO_LOAD_PLUGINS={os.environ.get('ZOO_LOAD_PLUGINS', '(unset: all)')}")
     try:
-        from zoo.plugins.summary import plugin_summary
-
         plugins, notes = plugin_summary()
         lines += [f"plugin {p.name}: {p.backbones} backbones"
                   f"{' + ' + ', '.join(p.families) if p.families else ''}, "

@@ -55,7 +55,7 @@ def _name_columns(args: argparse.Namespace) -> None:
     columns = (getattr(args, "image_column", None), getattr(args, "label_column", None))
     if columns == (None, None):
         return
-    from zoo.data.hf import DataSource
+    from zoo.data.hf import DataSource  # lazy: keeps zoo list free of torch
 
     for key in ("data", "val"):
         if getattr(args, key, None) is not None:

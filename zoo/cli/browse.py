@@ -9,7 +9,7 @@ import json
 import zoo
 from zoo.cli.common import parse_options, size_text
 from zoo.core.table import table
-from zoo.plugins.registry import current
+from zoo.plugins.registry import current, list_datasets
 from zoo.plugins.summary import plugin_summary
 
 
@@ -41,10 +41,10 @@ def cmd_info(args: argparse.Namespace) -> None:
         for key, doc in spec.options.items():
             print(f"  --option {key}=...  {doc}")
         return
-    import torch
+    import torch  # lazy: keeps zoo list free of torch
 
-    from zoo.models.build import assign_groups
-    from zoo.weights.cache import describe
+    from zoo.models.build import assign_groups  # lazy: keeps zoo list free of torch
+    from zoo.weights.cache import describe  # lazy: keeps zoo list fast
 
     spec = zoo.get_backbone(args.name)
     with torch.device("meta"):
@@ -90,8 +90,6 @@ def cmd_plugins(args: argparse.Namespace) -> None:
 
 def cmd_datasets(args: argparse.Namespace) -> None:
     """``zoo datasets``: the registered datasets (built-in and from plugins)."""
-    from zoo.plugins.registry import list_datasets
-
     def shown(value: object) -> str:
         return "?" if value is None else str(value)
 
@@ -107,7 +105,7 @@ def cmd_datasets(args: argparse.Namespace) -> None:
 
 def cmd_check(args: argparse.Namespace) -> None:
     """``zoo check NAME``: the plugin-author checks of a backbone."""
-    from zoo.testing.checks import check_backbone
+    from zoo.testing.checks import check_backbone  # lazy: keeps zoo list free of torch
 
     report = check_backbone(args.name, forward=not args.no_forward,
                             image_size=args.image_size, raise_on_failure=False)
@@ -117,7 +115,7 @@ def cmd_check(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     """``zoo plan BACKBONE STRATEGY``: a dry run of what trains, per layer group."""
-    from zoo.models.strategy import plan
+    from zoo.models.strategy import plan  # lazy: keeps zoo list free of torch
 
     report = plan(args.backbone, args.strategy, parse_options(args.option), epochs=args.epochs,
                   lr=args.lr, num_classes=args.num_classes)

@@ -16,7 +16,7 @@ class UsageError(ZooError):
 def parse_options(pairs: Sequence[str] | None) -> dict[str, Any]:
     """``--option KEY=VALUE`` flags as a dict, each value parsed as a strategy option (a
     number, bool, list... as the strategy expects)."""
-    from zoo.models.strategy import parse_option_value  # torch: only when a command needs it
+    from zoo.models.strategy import parse_option_value  # lazy: keeps zoo list free of torch
 
     result: dict[str, Any] = {}
     for pair in pairs or ():
@@ -41,6 +41,6 @@ def size_text(num_bytes: int | None) -> str:
 def load_model(target: str) -> Any:
     """The model in a checkpoint folder, or in a Hub repo (``hf-hub:REPO``, or ``NAMESPACE/NAME``
     when no such folder exists)."""
-    from zoo.persist.hub import from_pretrained
+    from zoo.persist.hub import from_pretrained  # lazy: keeps zoo list fast
 
     return from_pretrained(target)

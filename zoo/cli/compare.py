@@ -13,7 +13,7 @@ from zoo.cli.training import training_kwargs
 def cmd_compare(args: argparse.Namespace) -> None:
     """``zoo compare``: the sweep, then its table, its sentences and the report's path."""
     from zoo.experiments.report import format_table
-    from zoo.experiments.sweep import compare
+    from zoo.experiments.sweep import compare  # lazy: keeps zoo list free of torch
 
     kwargs = training_kwargs(args)
     result = compare(
@@ -49,6 +49,6 @@ def per_strategy_options(pairs: Sequence[str] | None,
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """``zoo demo``: the built-in comparison (``make demo``)."""
-    from zoo.experiments.demo import run_demo
+    from zoo.experiments.demo import run_demo  # lazy: keeps zoo list free of torch
 
     run_demo(args.out, quick=args.quick)  # prints its table, summary and report path

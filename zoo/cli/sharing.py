@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from zoo.cli.common import UsageError, load_model
+from zoo.doctor import report
 
 
 def _hub_token(value: str | None) -> str | None:
@@ -22,7 +23,7 @@ def _hub_token(value: str | None) -> str | None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     """``zoo export CHECKPOINT --format F --out PATH``: ONNX, TorchScript or PEFT."""
-    from zoo.deploy.export import export
+    from zoo.deploy.export import export  # lazy: keeps zoo list free of torch
 
     path = export(load_model(args.checkpoint), args.format, args.out, overwrite=args.overwrite)
     print(f"exported {args.checkpoint} as {args.format}: {path}")
@@ -30,7 +31,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_push(args: argparse.Namespace) -> None:
     """``zoo push DIRECTORY REPO_ID``: upload a checkpoint folder to a Hub repo."""
-    from zoo.persist.hub import push_to_hub
+    from zoo.persist.hub import push_to_hub  # lazy: keeps zoo list fast
 
     url = push_to_hub(args.directory, args.repo_id, token=_hub_token(args.token),
                       endpoint=args.endpoint,
@@ -41,7 +42,7 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 def cmd_pull(args: argparse.Namespace) -> None:
     """``zoo pull REPO_ID``: download a checkpoint; prints its local folder."""
-    from zoo.persist.hub import pull_from_hub
+    from zoo.persist.hub import pull_from_hub  # lazy: keeps zoo list fast
 
     path = pull_from_hub(args.repo_id, revision=args.revision, token=_hub_token(args.token),
                          endpoint=args.endpoint)
@@ -50,6 +51,4 @@ def cmd_pull(args: argparse.Namespace) -> None:
 
 def cmd_doctor(args: argparse.Namespace) -> None:
     """``zoo doctor``: the environment report for bug reports."""
-    from zoo.doctor import report
-
     print(report())

@@ -19,7 +19,7 @@ from zoo.core.table import table
 
 def _require_default_weights(backbone: str, strategy: str, options: dict[str, Any]) -> None:
     """Refuse, in the command line's words, a pretrained run of a backbone without weights."""
-    from zoo.models.strategy import make_strategy
+    from zoo.models.strategy import make_strategy  # lazy: keeps zoo list free of torch
 
     spec = zoo.get_backbone(backbone)
     if spec.default_weights is None and make_strategy(strategy, options).pretrained:
@@ -138,6 +138,7 @@ def _print_run(result: Any) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """``zoo evaluate CHECKPOINT --data D``: accuracy overall and per class."""
+    # lazy: keeps zoo list free of torch
     from zoo.training.evaluate import check_evaluation_dir, write_evaluation
 
     if args.out is not None:
@@ -184,7 +185,7 @@ def evaluation_text(metrics: dict[str, Any], max_rows: int = 100) -> str:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     """``zoo predict CHECKPOINT IMAGE...``: the top-k classes of each image."""
-    from zoo.deploy.inference import predict_indexed
+    from zoo.deploy.inference import predict_indexed  # lazy: keeps zoo list free of torch
 
     if args.top_k < 1:
         raise UsageError(f"--top-k must be 1 or more, got {args.top_k}")
@@ -198,6 +199,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_embed(args: argparse.Namespace) -> None:
     """``zoo embed CHECKPOINT IMAGE... --out FILE``: feature vectors to a file."""
+    # lazy: keeps zoo list free of torch
     from zoo.deploy.inference import check_embedding_path, embed, save_embeddings
 
     check_embedding_path(args.out, args.overwrite)  # before the slow part

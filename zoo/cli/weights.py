@@ -12,7 +12,7 @@ from zoo.core.table import table
 
 def cmd_weights_download(args: argparse.Namespace) -> None:
     """``zoo weights download NAME[:TAG]``: fetch weights into the cache, print the path."""
-    from zoo.weights.load import download
+    from zoo.weights.load import download  # lazy: keeps zoo list free of torch
 
     name, _, tag = args.name.partition(":")
     path = download(name, tag or None)
@@ -21,7 +21,7 @@ def cmd_weights_download(args: argparse.Namespace) -> None:
 
 def cmd_weights_import(args: argparse.Namespace) -> None:
     """``zoo weights import NAME[:TAG] FILE``: put a file fetched elsewhere into the cache."""
-    from zoo.weights.importing import import_weights
+    from zoo.weights.importing import import_weights  # lazy: keeps zoo list free of torch
 
     path = import_weights(args.name, args.file, force=args.force)
     print(f"imported {args.file} as {args.name}: {path}")
@@ -29,7 +29,7 @@ def cmd_weights_import(args: argparse.Namespace) -> None:
 
 def cmd_weights_list(args: argparse.Namespace) -> None:
     """``zoo weights list [NAME]``: registered weights, their source, size, sha256, cached."""
-    from zoo.weights.cache import list_weights
+    from zoo.weights.cache import list_weights  # lazy: keeps zoo list fast
 
     rows = list_weights(args.name)
     if args.json:
@@ -50,7 +50,7 @@ def cmd_weights_list(args: argparse.Namespace) -> None:
 def cmd_weights_verify(args: argparse.Namespace) -> None:
     """``zoo weights verify``: re-hash every cached file; fail when one does not match."""
     from zoo.weights.cache import verify_cache
-    from zoo.weights.sources import weights_dir
+    from zoo.weights.sources import weights_dir  # lazy: keeps zoo list fast
 
     rows = verify_cache()
     if args.json:
@@ -70,7 +70,7 @@ def cmd_weights_verify(args: argparse.Namespace) -> None:
 
 def cmd_lr_find(args: argparse.Namespace) -> None:
     """``zoo lr-find BACKBONE STRATEGY``: the learning-rate range test and its plot."""
-    from zoo.training.lr_find import lr_find
+    from zoo.training.lr_find import lr_find  # lazy: keeps zoo list free of torch
 
     weights = None if args.weights in ("none", "random") else args.weights
     result = lr_find(args.backbone, args.strategy, args.data, weights=weights,

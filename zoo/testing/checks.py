@@ -26,6 +26,9 @@ from torch import nn
 from zoo.core.errors import ZooError
 from zoo.core.spec import Backbone, LayerGroup, Weights, resolve_callable
 from zoo.core.table import table_lines
+from zoo.models.build import assign_groups, create_model, transforms_for
+from zoo.plugins.registry import get_backbone
+from zoo.weights.sources import cached_path
 
 OK, SKIPPED, FAILED = "ok", "skipped", "failed"
 
@@ -90,8 +93,6 @@ def check_backbone(name: str | Backbone, *, forward: bool = True, image_size: in
     meta device only, for backbones too large to run in a test. Raises
     ``BackboneCheckError`` on a failure unless ``raise_on_failure`` is False.
     """
-    from zoo.plugins.registry import get_backbone
-
     spec = get_backbone(name) if isinstance(name, str) else name
     report = BackboneReport(spec.name)
     model = _check_build(spec, report, num_classes, forward, image_size)
@@ -122,8 +123,6 @@ def _builder_kwargs(spec: Backbone, image_size: int | None) -> dict[str, Any]:
 def _check_build(spec: Backbone, report: BackboneReport, num_classes: int, forward: bool,
                  image_size: int | None) -> nn.Module | None:
     """Build the model (random, or on the meta device) and check it has ``num_classes``."""
-    from zoo.models.build import create_model
-
     kwargs = _builder_kwargs(spec, image_size)
     try:
         if forward:
@@ -143,8 +142,6 @@ def _check_build(spec: Backbone, report: BackboneReport, num_classes: int, forwa
 def _check_groups(spec: Backbone, model: nn.Module, report: BackboneReport
                   ) -> tuple[LayerGroup, ...] | None:
     """Groups: named uniquely, ``head`` last, every parameter in exactly one, none empty."""
-    from zoo.models.build import assign_groups
-
     try:
         groups = spec.layer_groups(model)
         owner = assign_groups(model, groups, spec.name)
@@ -229,9 +226,6 @@ def _compare(staged: Any, expected: torch.Tensor) -> str | None:
 
 def _check_weights(spec: Backbone, weights: Weights, report: BackboneReport) -> None:
     """Weights already here load and fit; others are skipped (nothing is downloaded)."""
-    from zoo.models.build import create_model
-    from zoo.weights.sources import cached_path
-
     name = f"weights {weights.tag}"
     if cached_path(weights) is None:
         report.checks.append(Check(name, SKIPPED, f"not here; would download {weights.source}"))
@@ -250,8 +244,6 @@ def _check_weights(spec: Backbone, weights: Weights, report: BackboneReport) -> 
 def _check_transforms(spec: Backbone, report: BackboneReport) -> None:
     """Each weights' transform matches its declared preprocessing, and the backbone's own
     input size and normalisation match its default weights'."""
-    from zoo.models.build import transforms_for
-
     rows: list[tuple[str, Callable[[], str | None]]] = []
     for w in spec.weights:
         rows.append((f"transform {w.tag}", lambda w=w: _transform_problem(spec, w, transforms_for)))
