@@ -194,10 +194,3 @@ def shared_store(memory_budget: int | None = None) -> FeatureStore:
     elif memory_budget is not None:
         _shared.memory_budget = memory_budget
     return _shared
-
-
-def _default_batch_size() -> int:
-    """THROWAWAY: a data-layer function reaching up into training, to show make test fail."""
-    from zoo.training.config import FinetuneConfig
-
-    return FinetuneConfig.__dataclass_fields__["batch_size"].default
