@@ -1,6 +1,6 @@
 """zoo: a plugin-based model zoo for transfer learning.
 
-Backbones and freeze strategies are plugins; the runner combines any backbone with any
+Backbones, freeze strategies and datasets are plugins; the runner combines any backbone with any
 strategy. Heavy modules (torch, timm, huggingface_hub) load only when a function needing
 them is first called, so ``import zoo`` and ``zoo list`` stay fast.
 """
@@ -74,11 +74,9 @@ _LAZY = {
 
 __all__ = [
     "Backbone", "BackboneFamily", "CheckpointError", "DatasetSpec", "DuplicateNameError",
-    "HubError",
-    "IncompatibleError",
-    "LayerGroup", "PluginError", "Stage", "Strategy", "UnknownNameError", "Weights",
-    "WeightsError", "ZooError", "get_backbone", "get_dataset", "get_strategy", "hookimpl",
-    "list_backbones", "list_datasets", "list_strategies", *_LAZY,
+    "HubError", "IncompatibleError", "LayerGroup", "PluginError", "Stage", "Strategy",
+    "UnknownNameError", "Weights", "WeightsError", "ZooError", "get_backbone", "get_dataset",
+    "get_strategy", "hookimpl", "list_backbones", "list_datasets", "list_strategies", *_LAZY,
 ]
 
 
