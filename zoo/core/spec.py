@@ -207,7 +207,7 @@ class Backbone:
             return self.groups  # type: ignore[return-value]
         derive = resolve_callable(self.groups)  # type: ignore[arg-type]
         if model is None:
-            import torch
+            import torch  # lazy: the core imports no torch until a model is built
 
             with torch.device("meta"):
                 model = self.build()
