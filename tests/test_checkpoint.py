@@ -8,6 +8,7 @@ models saved locally and registered as "pretrained" (see conftest.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 
 import zoo
 from zoo.core.errors import CheckpointError
+from zoo.data.transforms import transform_from_config
 from zoo.models.strategy import make_strategy
 from zoo.persist import checkpoint as ckpt
 from zoo.persist.config import config_from_model
@@ -363,3 +365,29 @@ def test_save_killed_after_complete_is_rolled_forward(saved: Path,
     assert (saved / ckpt.STAGING / "COMPLETE").is_file()
     assert_same_model(other, zoo.load_checkpoint(saved))
     assert not (saved / ckpt.STAGING).exists()
+
+
+def test_a_model_saved_outside_finetune_keeps_its_weights_crop_and_interpolation(
+        base_weights_file: Callable[..., tuple[Path, str]],
+        register_backbones: Callable[..., Any], tmp_path: Path) -> None:
+    # Weights published for 256 px resized, 224 px centre-cropped, bicubic images (as
+    # torchvision's ViT and many timm weights are): a checkpoint of a model straight from
+    # create_model must predict with that preprocessing, not a plain resize.
+    spec = zoo.get_backbone(BACKBONE)
+    path, sha = base_weights_file(BACKBONE)
+    local = with_local_weights(spec, path, sha, "test_cropped_resnet20")
+    cropped = dataclasses.replace(local.weights[0], input_size=(3, 32, 32), resize_size=40,
+                                  interpolation="bicubic")
+    local = dataclasses.replace(local, weights=(cropped,))
+    register_backbones(local)
+    model = zoo.create_model(local.name, weights="default")
+    zoo.save_checkpoint(model, tmp_path / "ckpt", kind="full")
+
+    recorded = json.loads((tmp_path / "ckpt" / "config.json").read_text())["preprocessing"]
+    assert recorded["crop_pct"] == pytest.approx(0.8)
+    assert recorded["interpolation"] == "bicubic"
+    image = torch.randint(0, 256, (1, 3, 50, 60), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    saved = transform_from_config(zoo.load_checkpoint(tmp_path / "ckpt").zoo_config[
+        "preprocessing"])
+    assert torch.equal(saved(image), zoo.transforms_for(local.name)(image))

@@ -36,16 +36,17 @@ def config_from_model(model: nn.Module) -> dict[str, Any]:
     if name is None:
         raise ZooError("this model was not built by zoo: pass config= naming its backbone "
                        "(or build it with zoo.create_model)")
-    from zoo.models.build import num_outputs  # lazy: keeps zoo push/pull free of torch
+    # lazy: keeps zoo push/pull free of torch
+    from zoo.models.build import num_outputs, preprocessing_for
 
     spec = get_backbone(name)
     weights = getattr(model, "zoo_weights", None)
-    pre = {"input_size": list(spec.input_size), "mean": list(spec.mean), "std": list(spec.std)}
-    if weights:
-        w = spec.get_weights(weights["tag"]) if weights["tag"] in {x.tag for x in spec.weights} \
-            else None
-        if w is not None:
-            pre = {"input_size": list(w.input_size), "mean": list(w.mean), "std": list(w.std)}
+    registered = spec.get_weights(weights["tag"]) \
+        if weights and weights["tag"] in {x.tag for x in spec.weights} else None
+    # The weights' whole preprocessing (crop and interpolation too), as finetune records it,
+    # so predict on the saved model prepares images as zoo.transforms_for does.
+    pre = {key: list(value) if isinstance(value, tuple | list) else value
+           for key, value in preprocessing_for(spec, registered).items()}
     return {"zoo_version": __version__, "backbone": name, "weights": weights,
             "num_classes": num_outputs(model, spec), "class_names": None, "strategy": None,
             "preprocessing": pre, "builder_kwargs": {}}
