@@ -51,7 +51,9 @@ def test_zoo_plugins_and_zoo_doctor_report_the_same_summary(tiny, capsys):
     assert main(["plugins"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines()
                if line.startswith(mine.name))
-    assert row.split() == [mine.name, "register_backbones", "1", "0"]
-    assert f"plugin {mine.name}: 1 backbones, 0 strategies" in report().splitlines()
+    assert row.split() == [mine.name, "register_backbones", "1", "0", "0"]
+    assert f"plugin {mine.name}: 1 backbones, 0 strategies, 0 datasets" in report().splitlines()
     timm = next(p for p in plugins if p.name == "zoo_timm")
     assert timm.families == ("timm/*",)  # a family, built on demand, is listed by pattern
+    datasets = next(p for p in plugins if p.name == "zoo_datasets")
+    assert (datasets.hooks, datasets.datasets) == (("register_datasets",), 2)

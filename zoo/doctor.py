@@ -57,7 +57,7 @@ def report() -> str:
         plugins, notes = plugin_summary()
         lines += [f"plugin {p.name}: {p.backbones} backbones"
                   f"{' + ' + ', '.join(p.families) if p.families else ''}, "
-                  f"{p.strategies} strategies" for p in plugins]
+                  f"{p.strategies} strategies, {p.datasets} datasets" for p in plugins]
         lines += [f"note: {note}" for note in notes]
     except ZooError as exc:
         lines.append(f"plugins FAILED: {exc}")

@@ -80,9 +80,9 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_plugins(args: argparse.Namespace) -> None:
     """``zoo plugins``: each loaded plugin, its hooks and what it registers."""
     plugins, notes = plugin_summary()
-    rows = [("plugin", "hooks", "backbones", "strategies")]
+    rows = [("plugin", "hooks", "backbones", "strategies", "datasets")]
     rows += [(p.name, ",".join(p.hooks), " ".join([str(p.backbones), *p.families]),
-              str(p.strategies)) for p in plugins]
+              str(p.strategies), str(p.datasets)) for p in plugins]
     print(table(rows))
     for note in notes:
         print(f"note: {note}")

@@ -1,5 +1,6 @@
 """What each loaded plugin registers, for ``zoo plugins`` and ``zoo doctor``: the hooks it
-implements and how many backbones, backbone families and strategies came from it."""
+implements and how many backbones, backbone families, strategies and datasets came from
+it."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class PluginInfo:
     backbones: int
     families: tuple[str, ...]
     strategies: int
+    datasets: int
 
 
 def plugin_summary() -> tuple[tuple[PluginInfo, ...], tuple[str, ...]]:
@@ -34,5 +36,6 @@ def plugin_summary() -> tuple[tuple[PluginInfo, ...], tuple[str, ...]]:
             backbones=sum(1 for b in registry.backbones.values() if b.plugin == name),
             families=tuple(f.prefix + "*" for f in registry.families if f.plugin == name),
             strategies=sum(1 for s in registry.strategies.values() if s.plugin == name),
+            datasets=sum(1 for d in registry.datasets.values() if d.plugin == name),
         ))
     return tuple(plugins), tuple(pm.notes)
