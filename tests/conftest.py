@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import itertools
+import os
+import socket
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +27,7 @@ from torch import nn
 import zoo
 from zoo.core._io import file_sha256
 from zoo.plugins.manager import get_plugin_manager
+from zoo.training.callbacks import Callback, Run
 
 # Each registered plugin object gets its own name (pluggy refuses a name twice).
 _PLUGIN_NUMBERS = itertools.count(1)
@@ -34,6 +39,41 @@ def zoo_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "zoo-home"
     monkeypatch.setenv("ZOO_HOME", str(home))
     return home
+
+
+def _is_loopback(address: Any) -> bool:
+    host = address[0] if isinstance(address, tuple) else address
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it would be resolved and reached over the network
+        return False
+
+
+@pytest.fixture(autouse=True, scope="session")
+def network_only_on_loopback() -> Iterator[None]:
+    """No test reaches past 127.0.0.1: a connection to any other address fails at once, so a
+    test that would download (a weights URL, the real Hub) fails instead of fetching."""
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def refuse(sock: socket.socket, address: Any) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address):
+            raise ConnectionRefusedError(f"tests may only connect to 127.0.0.1, not {address}")
+
+    def connect(sock: socket.socket, address: Any) -> None:
+        refuse(sock, address)
+        real_connect(sock, address)
+
+    def connect_ex(sock: socket.socket, address: Any) -> int:
+        refuse(sock, address)
+        return real_connect_ex(sock, address)
+
+    socket.socket.connect, socket.socket.connect_ex = connect, connect_ex  # type: ignore
+    try:
+        yield
+    finally:
+        socket.socket.connect, socket.socket.connect_ex = real_connect, real_connect_ex
 
 
 @contextlib.contextmanager
@@ -219,6 +259,41 @@ def quick_finetune(backbone: str, strategy: str, train: Any, val: Any = None,
                                    image_size=16)
     options.update(kwargs)
     return zoo.finetune(backbone, strategy, train, val, **options)
+
+
+class InterruptAfter(Callback):
+    """Stops the run like Ctrl-C would, right after epoch ``epoch`` (0-based) is saved."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, run: Run, epoch: int, record: dict[str, Any]) -> None:
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: str, tmp_path: Path, out: Path) -> None:
+    """Run ``script`` (given ``out`` as its argument) on 2 CPU ranks with torchrun, on the
+    loopback interface only; fail with the ranks' output if it does not exit cleanly."""
+    path = tmp_path / "train.py"
+    path.write_text(script)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "ZOO_HOME": str(tmp_path / "zoo-home")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+               "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", str(path), str(out)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
 # --------------------------------------------------------------------------- terminal summary

@@ -8,15 +8,12 @@ is used so that the set of trained tensors changes mid-run, which DDP must be to
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun
 
 import zoo
 
@@ -54,26 +51,12 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(600)
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_train_and_rank0_saves_one_checkpoint(
         tmp_path: Path) -> None:
-    script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
-           "ZOO_HOME": str(tmp_path / "zoo-home")}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
-               "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", str(script), str(out)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    torchrun(SCRIPT, tmp_path, out)
 
     reports = [json.loads((tmp_path / f"run.rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in reports] == [2, 2]

@@ -17,17 +17,13 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, InterruptAfter, torchrun
 
 import zoo
 from zoo.cli import main
@@ -66,17 +62,6 @@ class Sabotage(Callback):
                 run.model.head.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
             for group in run.optimizer.param_groups:
                 group["lr"] = 0.0
-
-
-class InterruptAfter(Callback):
-    """Stops the run like Ctrl-C would, right after epoch ``epoch`` (0-based) is saved."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_epoch_end(self, run: Run, epoch: int, record: dict[str, Any]) -> None:
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 def finetune(strategy: str = "full", **kwargs: Any) -> zoo.FinetuneResult:
@@ -328,28 +313,14 @@ def digest(tensors: Any) -> str:
     return h.hexdigest()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_torchrun_ranks_report_the_same_metrics_and_save_the_same_model(
         tmp_path: Path) -> None:
     """Issue 13.6: validation accuracy depended on the rank and BatchNorm statistics differed
     between ranks. 41 training and 31 validation images on 2 ranks: neither divides."""
-    script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
-           "ZOO_HOME": str(tmp_path / "zoo-home")}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
-               "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", str(script), str(out)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    torchrun(SCRIPT, tmp_path, out)
 
     rank0, rank1 = (json.loads((tmp_path / f"run.rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["checkpoint"] == str(out) and rank1["checkpoint"] is None

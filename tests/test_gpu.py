@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY, TinyNet, quick_finetune
+from conftest import TINY, InterruptAfter, TinyNet, quick_finetune
 from torch import nn
 
 import zoo
@@ -177,15 +177,6 @@ def test_feature_cache_on_the_gpu_matches_the_uncached_run(base: str, train_xy: 
     for (k, p), q in zip(cached.model.state_dict().items(),
                          uncached.model.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4, msg=k)
-
-
-class InterruptAfter(Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_epoch_end(self, run: Run, epoch: int, record: dict[str, Any]) -> None:
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.gpu

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, quick_finetune
+from conftest import TINY, InterruptAfter, quick_finetune
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
@@ -137,17 +137,6 @@ def test_metrics_and_per_epoch_history(base: str, train_xy: Any, val_xy: Any) ->
 
 
 # --------------------------------------------------------------------------- resume
-
-
-class InterruptAfter(Callback):
-    """Stops the run like Ctrl-C would, right after epoch ``epoch`` (0-based) is saved."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_epoch_end(self, run: Run, epoch: int, record: dict[str, Any]) -> None:
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 def all_tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
