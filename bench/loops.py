@@ -156,6 +156,18 @@ def naive_train(
 
 
 @torch.no_grad()
+def _unlabelled_feeder(model: nn.Module, x: torch.Tensor, mean: Sequence[float],
+                       std: Sequence[float], channels_last: bool) -> tuple[torch.device, Feeder]:
+    """The model's device and a Feeder of ``x`` (dummy labels), with the model put in
+    channels_last memory where a CUDA run asks for it."""
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    if cuda and channels_last:
+        model.to(memory_format=torch.channels_last)
+    return device, Feeder(x, torch.zeros(len(x), dtype=torch.long), mean, std, device,
+                          cuda and channels_last)
+
+
 def forward_pass(model: nn.Module, x: torch.Tensor, mean: Sequence[float],
                  std: Sequence[float], batch_size: int = 64, channels_last: bool = True
                  ) -> float:
@@ -163,17 +175,12 @@ def forward_pass(model: nn.Module, x: torch.Tensor, mean: Sequence[float],
     for any method that must look at every image once (on the model's device)."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
-    device = next(model.parameters()).device
-    cuda = device.type == "cuda"
-    if cuda and channels_last:
-        model.to(memory_format=torch.channels_last)
-    feed = Feeder(x, torch.zeros(len(x), dtype=torch.long), mean, std, device,
-                  cuda and channels_last)
+    device, feed = _unlabelled_feeder(model, x, mean, std, channels_last)
     start = time.perf_counter()
     for i in range(0, len(x), batch_size):
         with autocast_for(device):
             model(feed(torch.arange(i, min(i + batch_size, len(x))))[0])
-    if cuda:
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     for m, flag in flags:
@@ -187,12 +194,7 @@ def warm_up(model: nn.Module, x: torch.Tensor, mean: Sequence[float],
     (the first ``torch.optim`` optimizer imports ``torch._dynamo``: about 1 s; first-call
     allocations; on a GPU the CUDA context, cuDNN's algorithm choice) are not charged to
     whichever loop happens to run first."""
-    device = next(model.parameters()).device
-    cuda = device.type == "cuda"
-    if cuda and channels_last:
-        model.to(memory_format=torch.channels_last)
-    feed = Feeder(x, torch.zeros(len(x), dtype=torch.long), mean, std, device,
-                  cuda and channels_last)
+    device, feed = _unlabelled_feeder(model, x, mean, std, channels_last)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=1)
